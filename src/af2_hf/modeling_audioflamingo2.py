@@ -1,0 +1,613 @@
+"""PyTorch Audio Flamingo 2: AF-CLAP (HTSAT) audio tower, rotary audio transformer and a Qwen2 language model whose
+decoder layers are preceded by tanh-gated cross-attention blocks over the audio tokens."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.auto import AutoModel
+from transformers.models.clap.modeling_clap import ClapAudioModel, ClapAudioSelfAttention
+from transformers.utils import can_return_tuple, logging
+
+from .configuration_audioflamingo2 import AudioFlamingo2Config
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class AudioFlamingo2ModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    audio_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_windows * tokens_per_window, audio_hidden_size)`, *optional*):
+        Output of the audio transformer for the audio encoded in this forward pass (prefill only).
+    """
+
+    audio_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class AudioFlamingo2CausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    audio_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_windows * tokens_per_window, audio_hidden_size)`, *optional*):
+        Output of the audio transformer for the audio encoded in this forward pass (prefill only).
+    """
+
+    audio_hidden_states: torch.FloatTensor | None = None
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention_interface(config) -> Callable:
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+def padding_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, keys) 1/0 mask -> additive (batch, 1, 1, keys) mask with the dtype's minimum on padded keys."""
+    mask = mask.to(torch.bool)[:, None, None, :]
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Audio transformer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class AudioFlamingo2AudioRotaryEmbedding(nn.Module):
+    """Rotary frequencies over the flattened audio-token index, computed in float32 (rotate-half layout)."""
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        self.dim = config.audio_rotary_dim
+        self.base = config.audio_transformer_rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, device=device).float() / self.dim
+        return 1.0 / (self.base**exponents)
+
+    @torch.no_grad()
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of every head of `x` (batch, heads, seq, head_dim) in float32."""
+    rot_dim = cos.shape[-1]
+    rotated, passed = x[..., :rot_dim].float(), x[..., rot_dim:]
+    rotated = rotated * cos + rotate_half(rotated) * sin
+    return torch.cat((rotated.to(x.dtype), passed), dim=-1)
+
+
+class AudioFlamingo2AudioAttention(nn.Module):
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        self.config = config
+        hidden = config.audio_hidden_size
+        self.num_heads = config.audio_transformer_num_heads
+        self.head_dim = hidden // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.num_key_value_groups = 1
+        self.query = nn.Linear(hidden, hidden, bias=False)
+        self.key = nn.Linear(hidden, hidden, bias=False)
+        self.value = nn.Linear(hidden, hidden, bias=False)
+        self.dense = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, hidden_states, attention_mask, position_embeddings, **kwargs):
+        batch, seq, _ = hidden_states.shape
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query = apply_partial_rotary(query, cos, sin)
+        key = apply_partial_rotary(key, cos, sin)
+        attn_output, attn_weights = _attention_interface(self.config)(
+            self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs
+        )
+        return self.dense(attn_output.reshape(batch, seq, -1)), attn_weights
+
+
+class AudioFlamingo2AudioTransformerLayer(GradientCheckpointingLayer):
+    """Post-norm encoder layer: attention + residual + LayerNorm, then ReLU FFN + residual + LayerNorm."""
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        hidden = config.audio_hidden_size
+        eps = config.audio_transformer_layer_norm_eps
+        self.self_attn = AudioFlamingo2AudioAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(hidden, eps=eps)
+        self.fc1 = nn.Linear(hidden, config.audio_transformer_intermediate_size)
+        self.fc2 = nn.Linear(config.audio_transformer_intermediate_size, hidden)
+        self.final_layer_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        attn_output, _ = self.self_attn(hidden_states, attention_mask, position_embeddings, **kwargs)
+        hidden_states = self.self_attn_layer_norm(hidden_states + attn_output)
+        ffn_output = self.fc2(nn.functional.relu(self.fc1(hidden_states)))
+        return self.final_layer_norm(hidden_states + ffn_output)
+
+
+class AudioFlamingo2AudioTransformer(nn.Module):
+    """Transformer over all audio tokens of a sample (windows in order), rotary positions, key-padding mask."""
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        hidden = config.audio_hidden_size
+        self.embed_scale = hidden**0.5
+        self.input_layernorm = nn.LayerNorm(hidden, eps=config.audio_transformer_layer_norm_eps)
+        self.rotary_emb = AudioFlamingo2AudioRotaryEmbedding(config)
+        self.layers = nn.ModuleList(
+            [AudioFlamingo2AudioTransformerLayer(config) for _ in range(config.audio_transformer_num_layers)]
+        )
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        hidden_states = self.input_layernorm(hidden_states * self.embed_scale)
+        position_embeddings = self.rotary_emb(hidden_states.shape[1], hidden_states.device)
+        attention_mask = None if token_mask is None else padding_mask_to_additive(token_mask, hidden_states.dtype)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, position_embeddings, **kwargs)
+        return hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gated cross-attention
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class AudioFlamingo2GatedCrossAttentionBlock(GradientCheckpointingLayer):
+    """`x + tanh(attn_gate) * CrossAttn(LN(x), audio)` then `x + tanh(ff_gate) * FF(x)`.
+
+    The audio keys/values are projected once (at prefill) and kept in the cross-attention part of the cache."""
+
+    def __init__(self, config: AudioFlamingo2Config, block_idx: int):
+        super().__init__()
+        self.config = config
+        self.block_idx = block_idx
+        dim = config.text_config.hidden_size
+        self.num_heads = config.cross_attention_num_heads
+        self.head_dim = config.cross_attention_head_dim
+        inner = self.num_heads * self.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.num_key_value_groups = 1
+        self.attn_norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(config.audio_hidden_size, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff_in = nn.Linear(dim, dim * config.cross_attention_ff_mult, bias=False)
+        self.ff_act = ACT2FN["gelu"]
+        self.ff_out = nn.Linear(dim * config.cross_attention_ff_mult, dim, bias=False)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def project_audio(self, audio_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = audio_hidden_states.shape
+        key, value = self.to_kv(audio_hidden_states).chunk(2, dim=-1)
+        shape = (batch, length, self.num_heads, self.head_dim)
+        return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        audio_hidden_states: torch.Tensor | None = None,
+        audio_attention_mask: torch.Tensor | None = None,
+        cross_attention_cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if audio_hidden_states is not None:
+            key, value = self.project_audio(audio_hidden_states)
+            if cross_attention_cache is not None:
+                key, value = cross_attention_cache.update(key, value, self.block_idx)
+        else:
+            layer = cross_attention_cache.layers[self.block_idx]
+            key, value = layer.keys, layer.values
+
+        batch, seq, _ = hidden_states.shape
+        query = self.to_q(self.attn_norm(hidden_states)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        attn_output, _ = _attention_interface(self.config)(
+            self, query, key, value, audio_attention_mask, scaling=self.scaling, dropout=0.0
+        )
+        attn_output = self.to_out(attn_output.reshape(batch, seq, -1))
+        hidden_states = hidden_states + self.attn_gate.tanh() * attn_output
+        ff_output = self.ff_out(self.ff_act(self.ff_in(self.ff_norm(hidden_states))))
+        return hidden_states + self.ff_gate.tanh() * ff_output
+
+
+def _cross_attention_cache_filled(cache: EncoderDecoderCache | None, num_blocks: int) -> bool:
+    if not isinstance(cache, EncoderDecoderCache) or num_blocks == 0:
+        return False
+    layers = cache.cross_attention_cache.layers
+    return len(layers) >= num_blocks and all(layer.is_initialized for layer in layers[:num_blocks])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained base
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class AudioFlamingo2PreTrainedModel(PreTrainedModel):
+    config: AudioFlamingo2Config
+    config_class = AudioFlamingo2Config
+    base_model_prefix = "model"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "Qwen2DecoderLayer",
+        "AudioFlamingo2GatedCrossAttentionBlock",
+        "AudioFlamingo2AudioTransformerLayer",
+        "ClapAudioStage",
+    ]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = False
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AudioFlamingo2GatedCrossAttentionBlock):
+            # The gates start closed, as in the original: a fresh model behaves like its language model.
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+        elif isinstance(module, AudioFlamingo2AudioRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, ClapAudioSelfAttention):
+            init.zeros_(module.relative_position_bias_table)
+            init.copy_(module.relative_position_index, module.create_relative_position_index())
+
+
+class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
+    """AF-CLAP audio tower + audio transformer + Qwen2 decoder with gated cross-attention blocks (no LM head)."""
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__(config)
+        self.audio_tower = ClapAudioModel._from_config(config.audio_config)
+        self.audio_transformer = AudioFlamingo2AudioTransformer(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.cross_attention_layers = nn.ModuleList(
+            [AudioFlamingo2GatedCrossAttentionBlock(config, j) for j in range(len(config.cross_attention_layers))]
+        )
+        self._cross_block_for_layer = {layer: j for j, layer in enumerate(config.cross_attention_layers)}
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen audio tower keeps its BatchNorm statistics (the Trainer calls .train() on the whole model).
+        if mode and not any(p.requires_grad for p in self.audio_tower.parameters()):
+            self.audio_tower.eval()
+        return self
+
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Encode log-mel windows.
+
+        Args:
+            input_features: `(batch, windows, frames, mel_bins)` log-mel features from the feature extractor.
+            input_features_mask: `(batch, windows)`, 1 for real windows, 0 for padding windows.
+
+        Returns:
+            `(batch, windows * tokens_per_window, audio_hidden_size)`: the audio-transformer output.
+        """
+        if input_features.dim() != 4:
+            raise ValueError(
+                "input_features must have shape (batch, windows, frames, mel_bins); got "
+                f"{tuple(input_features.shape)}. Use AudioFlamingo2FeatureExtractor to compute them."
+            )
+        batch, windows, frames, mels = input_features.shape
+        if mels != self.config.audio_config.num_mel_bins:
+            raise ValueError(f"input_features has {mels} mel bins; the audio tower expects {self.config.audio_config.num_mel_bins}.")
+        if input_features_mask is None:
+            input_features_mask = torch.ones(batch, windows, dtype=torch.long, device=input_features.device)
+        elif input_features_mask.shape != (batch, windows):
+            raise ValueError(
+                f"input_features_mask has shape {tuple(input_features_mask.shape)}, expected {(batch, windows)}."
+            )
+        tower_dtype = self.audio_tower.audio_encoder.patch_embed.proj.weight.dtype
+        # Every window of the batch goes through the audio tower in one call.
+        clap = self.audio_tower(input_features.reshape(batch * windows, 1, frames, mels).to(tower_dtype))
+        tokens = clap.last_hidden_state.flatten(2).transpose(1, 2)  # (B*W, tokens, C)
+        tokens_per_window = tokens.shape[1]
+        if tokens_per_window != self.config.tokens_per_window:
+            raise ValueError(
+                f"The audio tower produced {tokens_per_window} tokens per window; config.tokens_per_window is "
+                f"{self.config.tokens_per_window}."
+            )
+        tokens = tokens.reshape(batch, windows * tokens_per_window, -1)
+        token_mask = input_features_mask.to(tokens.device).repeat_interleave(tokens_per_window, dim=1)
+        return self.audio_transformer(tokens, token_mask)
+
+    def _audio_token_mask(self, input_features_mask, batch, dtype, device, num_audio_tokens):
+        if input_features_mask is None:
+            return None
+        mask = input_features_mask.to(device).repeat_interleave(self.config.tokens_per_window, dim=1)
+        if mask.shape[-1] != num_audio_tokens:
+            raise ValueError(
+                f"input_features_mask covers {mask.shape[-1]} audio tokens but the cache/audio holds {num_audio_tokens}."
+            )
+        return padding_mask_to_additive(mask, dtype)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        audio_hidden_states: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> AudioFlamingo2ModelOutputWithPast:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(batch, windows, frames, mel_bins)`):
+            Log-mel windows from [`AudioFlamingo2FeatureExtractor`]. Needed at prefill; during cached decoding the
+            projected audio keys/values come from the cache instead.
+        input_features_mask (`torch.Tensor` of shape `(batch, windows)`):
+            1 for real windows, 0 for padding windows. Keep passing it at every decoding step.
+        audio_hidden_states (`torch.FloatTensor`, *optional*):
+            Pre-computed output of [`~AudioFlamingo2Model.get_audio_features`], instead of `input_features`.
+        """
+        text_config = self.config.text_config
+        use_cache = use_cache if use_cache is not None else text_config.use_cache
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_features is not None and audio_hidden_states is not None:
+            raise ValueError("Pass either input_features or audio_hidden_states, not both.")
+
+        lm = self.language_model
+        if inputs_embeds is None:
+            inputs_embeds = lm.embed_tokens(input_ids)
+        batch = inputs_embeds.shape[0]
+
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(config=text_config), DynamicCache())
+        elif past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache())
+        self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
+        cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
+
+        num_blocks = len(self.cross_attention_layers)
+        if input_features is not None:
+            if input_features.shape[0] != batch:
+                raise ValueError(
+                    f"input_features holds {input_features.shape[0]} samples but the text batch has {batch}: "
+                    "give exactly one audio per text."
+                )
+            audio_hidden_states = self.get_audio_features(input_features, input_features_mask)
+        if audio_hidden_states is not None:
+            audio_hidden_states = audio_hidden_states.to(inputs_embeds.dtype)
+            if cross_cache is not None:
+                # A new audio replaces whatever the cache held (projected once, reused at every later step).
+                for layer in cross_cache.layers[:num_blocks]:
+                    layer.reset()
+            num_audio_tokens = audio_hidden_states.shape[1]
+        elif _cross_attention_cache_filled(past_key_values, num_blocks):
+            num_audio_tokens = cross_cache.layers[0].keys.shape[-2]
+        else:
+            num_audio_tokens = None
+            if num_blocks and input_features_mask is not None:
+                raise ValueError(
+                    "input_features_mask was given but neither input_features nor cached audio keys/values are "
+                    "available: pass input_features at the first (prefill) step."
+                )
+
+        audio_attention_mask = None
+        if num_audio_tokens is not None:
+            audio_attention_mask = self._audio_token_mask(
+                input_features_mask, batch, inputs_embeds.dtype, inputs_embeds.device, num_audio_tokens
+            )
+
+        if position_ids is None:
+            past_seen = self_cache.get_seq_length() if self_cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+
+        if not isinstance(causal_mask_mapping := attention_mask, dict):
+            mask_kwargs = {
+                "config": text_config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": self_cache,
+                "position_ids": position_ids,
+            }
+            causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in text_config.layer_types:
+                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = lm.rotary_emb(hidden_states, position_ids)
+        for i, decoder_layer in enumerate(lm.layers[: text_config.num_hidden_layers]):
+            j = self._cross_block_for_layer.get(i)
+            if j is not None and num_audio_tokens is not None:
+                hidden_states = self.cross_attention_layers[j](
+                    hidden_states,
+                    audio_hidden_states=audio_hidden_states,
+                    audio_attention_mask=audio_attention_mask,
+                    cross_attention_cache=cross_cache if use_cache else None,
+                )
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask_mapping[text_config.layer_types[i]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=self_cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = lm.norm(hidden_states)
+        return AudioFlamingo2ModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            audio_hidden_states=audio_hidden_states,
+        )
+
+
+class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__(config)
+        self.model = AudioFlamingo2Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_audio_features(self, input_features, input_features_mask=None):
+        return self.model.get_audio_features(input_features, input_features_mask)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        audio_hidden_states: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> AudioFlamingo2CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            Token ids for the causal-LM loss (shifted inside); -100 is ignored. `num_items_in_batch` (from the
+            Trainer) is honoured.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            audio_hidden_states=audio_hidden_states,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
+        return AudioFlamingo2CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            audio_hidden_states=outputs.audio_hidden_states,
+        )
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, EncoderDecoderCache):
+            model_kwargs["past_key_values"] = EncoderDecoderCache(cache, DynamicCache())
+
+    def _prepare_static_cache(self, *args, model_kwargs, **kwargs) -> Cache:
+        self_cache = super()._prepare_static_cache(*args, model_kwargs=model_kwargs, **kwargs)
+        if isinstance(self_cache, EncoderDecoderCache):
+            self_cache = self_cache.self_attention_cache
+        features = model_kwargs.get("input_features")
+        if features is None:
+            raise ValueError("A static cache for AudioFlamingo2 needs `input_features` to size the audio cache.")
+        audio_len = features.shape[1] * self.config.tokens_per_window
+        cross = Cache(layers=[StaticLayer(max_cache_len=audio_len) for _ in self.model.cross_attention_layers])
+        return EncoderDecoderCache(self_cache, cross)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        input_features=None,
+        input_features_mask=None,
+        is_first_iteration=False,
+        use_cache=True,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            is_first_iteration=is_first_iteration,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        # The audio is encoded and projected once, at prefill; later steps read the cached audio keys/values.
+        # The window mask is still needed at every step.
+        model_inputs["input_features_mask"] = input_features_mask
+        if not is_first_iteration and use_cache:
+            model_inputs["input_features"] = None
+        return model_inputs
+
+
+__all__ = [
+    "AudioFlamingo2PreTrainedModel",
+    "AudioFlamingo2Model",
+    "AudioFlamingo2ForConditionalGeneration",
+]
