@@ -1,5 +1,15 @@
 """Audio Flamingo 2 as a native Hugging Face Transformers model."""
 
 from .configuration_audioflamingo2 import AudioFlamingo2Config
+from .modeling_audioflamingo2 import (
+    AudioFlamingo2ForConditionalGeneration,
+    AudioFlamingo2Model,
+    AudioFlamingo2PreTrainedModel,
+)
 
-__all__ = ["AudioFlamingo2Config"]
+__all__ = [
+    "AudioFlamingo2Config",
+    "AudioFlamingo2ForConditionalGeneration",
+    "AudioFlamingo2Model",
+    "AudioFlamingo2PreTrainedModel",
+]

@@ -299,7 +299,8 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
 
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
-        self.audio_tower = ClapAudioModel._from_config(config.audio_config)
+        # transformers' HTSAT implements eager attention only; the rest of the model follows the requested one.
+        self.audio_tower = ClapAudioModel._from_config(config.audio_config, attn_implementation="eager")
         self.audio_transformer = AudioFlamingo2AudioTransformer(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.cross_attention_layers = nn.ModuleList(
