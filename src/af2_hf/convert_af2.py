@@ -336,3 +336,778 @@ def convert_htsat_state_dict(
     if unknown:
         raise ConversionError("Unmapped HTSAT keys (not a documented unused family): " + ", ".join(sorted(unknown)))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the original release
+# ----------------------------------------------------------------------------------------------------------------
+
+_AF2_ALLOW_PATTERNS = ["safe_ckpt/*", "clap_ckpt/*", "configs/*", "*.yaml", "*.yml"]
+_TEXT_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+
+
+def resolve_source(path_or_repo: str | os.PathLike, allow_patterns: list[str] | None = None, **hub_kwargs) -> Path:
+    """A local directory as is; anything else is taken as a Hub repo id and fetched with ``snapshot_download``."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ConversionError(f"'{text}' is neither a directory nor a Hub repo id.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns, **hub_kwargs))
+
+
+def find_release_yaml(af2_dir: Path, config_yaml: str | os.PathLike | None = None) -> Path:
+    """The release yaml: ``configs/*.yaml`` (``inference.yaml`` preferred when there are several)."""
+    if config_yaml is not None:
+        path = Path(config_yaml)
+        path = path if path.is_absolute() else af2_dir / path
+        if not path.is_file():
+            raise ConversionError(f"Release yaml {path} not found.")
+        return path
+    candidates = sorted((af2_dir / "configs").glob("*.y*ml")) or sorted(af2_dir.glob("*.y*ml"))
+    if not candidates:
+        raise ConversionError(f"No release yaml (configs/*.yaml) in {af2_dir}; pass config_yaml=.")
+    if len(candidates) == 1:
+        return candidates[0]
+    preferred = [c for c in candidates if c.stem == "inference"]
+    if preferred:
+        return preferred[0]
+    raise ConversionError(f"Several release yamls in {af2_dir}: {[c.name for c in candidates]}; pass config_yaml=.")
+
+
+def load_release_yaml(path: Path) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    if not isinstance(data, dict) or "clap_config" not in data or "model_config" not in data:
+        raise ConversionError(f"{path} is not an Audio Flamingo 2 release yaml (no clap_config/model_config).")
+    return data
+
+
+def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with transformers
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, unit="file")
+
+
+def load_safe_ckpt(af2_dir: Path, report: ConversionReport, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Merge the safe_ckpt chunks in the order of ``metadata.json`` (a later chunk overrides, like dict.update)."""
+    from safetensors.torch import load_file
+
+    folder = af2_dir / "safe_ckpt"
+    meta = folder / "metadata.json"
+    if meta.is_file():
+        with open(meta, encoding="utf-8") as handle:
+            names = json.load(handle)
+        if not isinstance(names, list):
+            raise ConversionError(f"{meta} is not a JSON list of chunk names.")
+        files = [folder / f"{name}.safetensors" for name in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if files:
+            report.warnings.append(f"{meta} is missing; read the {len(files)} chunks in name order.")
+    if not files:
+        raise ConversionError(f"No safe_ckpt chunks found in {folder}.")
+    state: dict[str, torch.Tensor] = {}
+    for file in _progress(files, "safe_ckpt chunks", progress):
+        if not file.is_file():
+            raise ConversionError(f"safe_ckpt chunk {file} listed in metadata.json is missing.")
+        chunk = load_file(str(file))
+        repeated = sorted(set(chunk) & set(state))
+        if repeated:
+            report.warnings.append(f"{len(repeated)} keys appear in more than one chunk; {file.name} wins "
+                                   f"(e.g. {repeated[0]}).")
+        state.update(chunk)
+    report.notes.append(f"safe_ckpt: {len(files)} chunks, {len(state)} tensors.")
+    return state
+
+
+def find_clap_ckpt(af2_dir: Path, clap_config: dict) -> Path | None:
+    declared = clap_config.get("checkpoint")
+    if declared:
+        path = Path(declared)
+        for candidate in (path if path.is_absolute() else af2_dir / path, af2_dir / "clap_ckpt" / path.name):
+            if candidate.is_file():
+                return candidate
+    found = sorted((af2_dir / "clap_ckpt").glob("*.pt"))
+    if len(found) > 1:
+        raise ConversionError(f"Several CLAP checkpoints in {af2_dir / 'clap_ckpt'}: {[f.name for f in found]}.")
+    return found[0] if found else None
+
+
+def load_clap_ckpt(path: Path, report: ConversionReport) -> dict[str, torch.Tensor]:
+    """HTSAT tensors (keys relative to HTSAT) of a LAION-CLAP checkpoint; its other entries are dropped or refused."""
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} holds no state dict.")
+    htsat: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in state.items():
+        audio_prefix = next((p for p in CLAP_CKPT_AUDIO_PREFIXES if key.startswith(p)), None)
+        if audio_prefix is not None:
+            htsat[key[len(audio_prefix):]] = tensor
+            continue
+        bare = key[len("module."):] if key.startswith("module.") else key
+        family = next((f for f in UNUSED_CLAP_CKPT_FAMILIES if bare.startswith(f)), None)
+        if family is not None:
+            report.drop(f"clap_ckpt {family}* ({UNUSED_CLAP_CKPT_FAMILIES[family]})", key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(f"Unmapped keys in {path.name} (not a documented unused CLAP family): "
+                              + ", ".join(sorted(unknown)))
+    report.notes.append(f"clap_ckpt {path.name}: {len(htsat)} HTSAT tensors.")
+    return htsat
+
+
+def _read_weight_files(folder: Path, progress: bool) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face model folder (safetensors preferred, ``pytorch_model*.bin`` otherwise)."""
+    from safetensors.torch import load_file
+
+    for index_name, single, loader in (
+        ("model.safetensors.index.json", "model.safetensors", lambda f: load_file(str(f))),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin",
+         lambda f: torch.load(f, weights_only=True, map_location="cpu")),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            with open(index, encoding="utf-8") as handle:
+                files = sorted(set(json.load(handle)["weight_map"].values()))
+            files = [folder / f for f in files]
+        elif (folder / single).is_file():
+            files = [folder / single]
+        else:
+            continue
+        state: dict[str, torch.Tensor] = {}
+        for file in _progress(files, "base LM shards", progress):
+            state.update(loader(file))
+        return state
+    raise ConversionError(f"No model weights (model.safetensors / pytorch_model.bin) in {folder}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Assembling the native state dict
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Writes:
+    """Native tensors in the order the original writes them: a later write replaces an earlier one."""
+
+    def __init__(self, report: ConversionReport):
+        self.state: dict[str, torch.Tensor] = {}
+        self.report = report
+
+    def put(self, key: str, tensor: torch.Tensor, source: str, expect_equal: bool = False) -> None:
+        previous = self.state.get(key)
+        if previous is not None:
+            prior = self.report.sources.get(key, "?")
+            same = previous.shape == tensor.shape and torch.equal(previous.float(), tensor.float())
+            if expect_equal and not same:
+                diff = ((previous.float() - tensor.float()).abs().max().item()
+                        if previous.shape == tensor.shape else f"shapes {tuple(previous.shape)} vs {tuple(tensor.shape)}")
+                self.report.warnings.append(
+                    f"{key}: {source} differs from {prior} (max abs diff {diff}); {source} is used because the "
+                    "original loads it last."
+                )
+            if not same:
+                self.report.overridden.append(f"{key}: {prior} -> {source}")
+        self.state[key] = tensor
+        self.report.sources[key] = source
+
+
+_AT_LAYER_RENAMES = {
+    "slf_attn.w_qs.weight": "self_attn.query.weight",
+    "slf_attn.w_ks.weight": "self_attn.key.weight",
+    "slf_attn.w_vs.weight": "self_attn.value.weight",
+    "slf_attn.fc.weight": "self_attn.dense.weight",
+    "slf_attn.layer_norm.weight": "self_attn_layer_norm.weight",
+    "slf_attn.layer_norm.bias": "self_attn_layer_norm.bias",
+    "pos_ffn.w_1.weight": "fc1.weight",
+    "pos_ffn.w_1.bias": "fc1.bias",
+    "pos_ffn.w_2.weight": "fc2.weight",
+    "pos_ffn.w_2.bias": "fc2.bias",
+    "pos_ffn.layer_norm.weight": "final_layer_norm.weight",
+    "pos_ffn.layer_norm.bias": "final_layer_norm.bias",
+}
+
+_XATTN_RENAMES = {
+    "attn.norm.weight": "attn_norm.weight",
+    "attn.norm.bias": "attn_norm.bias",
+    "attn.to_q.weight": "to_q.weight",
+    "attn.to_kv.weight": "to_kv.weight",
+    "attn.to_out.weight": "to_out.weight",
+    "attn_gate": "attn_gate",
+    "ff.0.weight": "ff_norm.weight",
+    "ff.0.bias": "ff_norm.bias",
+    "ff.1.weight": "ff_in.weight",
+    "ff.3.weight": "ff_out.weight",
+    "ff_gate": "ff_gate",
+}
+
+# safe_ckpt families, in the order in which the original's load_state_dict visits them (a later one wins).
+_LM_CANONICAL_LAYER = re.compile(r"lang_encoder\.model\.layers\.(\d+)\.decoder_layer\.(.+)")
+_LM_DUPLICATE_LAYER = re.compile(r"lang_encoder\.old_decoder_blocks\.(\d+)\.(.+)")
+_XATTN_CANONICAL = re.compile(r"lang_encoder\.model\.layers\.(\d+)\.gated_cross_attn_layer_sound\.(.+)")
+_XATTN_DUPLICATE = re.compile(r"lang_encoder\.gated_cross_attn_layers_sound\.(\d+)\.(.+)")
+_AUDIO_TRANSFORMER_LAYER = re.compile(r"audio_transformer_clap\.layer_stack\.(\d+)\.(.+)")
+
+
+@dataclass
+class ConvertedCheckpoint:
+    config: Any
+    state_dict: dict[str, torch.Tensor]
+    report: ConversionReport
+    tokenizer: Any
+    generation_config: Any
+    processor_kwargs: dict[str, Any]
+    af2_dir: Path
+    text_dir: Path
+    release_yaml: dict
+
+
+def _infer_every_n(layers: list[int], num_layers: int) -> int:
+    if not layers:
+        raise ConversionError("safe_ckpt holds no gated cross-attention block "
+                              "(lang_encoder.model.layers.{i}.gated_cross_attn_layer_sound.*).")
+    every_n = layers[0] + 1
+    expected = [i for i in range(num_layers) if (i + 1) % every_n == 0]
+    if layers != expected:
+        raise ConversionError(f"Gated cross-attention blocks sit before decoder layers {layers}, which is not "
+                              f"'every n-th layer' of a {num_layers}-layer LM (n={every_n} would give {expected}).")
+    return every_n
+
+
+def _rotary_from_inv_freq(inv_freq: torch.Tensor, report: ConversionReport) -> tuple[int, float]:
+    dim = 2 * inv_freq.numel()
+    inv = inv_freq.double()
+
+    def reproduce(base: float) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)).double()
+
+    for base in (4096.0,):
+        if torch.allclose(reproduce(base), inv, rtol=1e-6, atol=0):
+            return dim, base
+    if inv.numel() < 2:
+        raise ConversionError("Cannot infer the audio rotary base from a single inv_freq entry.")
+    base = float(inv[1] ** (-dim / 2.0))
+    if not torch.allclose(reproduce(base), inv, rtol=1e-5, atol=0):
+        raise ConversionError("audio_transformer_clap.position_enc.inv_freq is not a rotary frequency sequence.")
+    report.notes.append(f"audio rotary base inferred from inv_freq: {base:.6g} (not the default 4096).")
+    return dim, base
+
+
+def _resize_rows(weight: torch.Tensor, rows: int, what: str, report: ConversionReport) -> torch.Tensor:
+    """``resize_token_embeddings`` of transformers 4.46: shrinking keeps the first rows; growing appends rows."""
+    old = weight.shape[0]
+    if rows == old:
+        return weight
+    if rows < old:
+        report.notes.append(f"{what}: {old} -> {rows} rows (shrunk: the first {rows} base rows are kept).")
+        return weight[:rows].clone()
+    # transformers 4.46 (mean_resizing=True) samples new rows from N(mean, 1e-9 * covariance) of the old rows: the
+    # mean up to ~1e-5 noise. The mean itself is used here (deterministic). safe_ckpt always stores the input
+    # embedding (filter_state_dict_to_trainable keeps every "embed" parameter), so these rows are overridden anyway.
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    report.notes.append(f"{what}: {old} -> {rows} rows (grown: new rows initialised with the mean of the old rows).")
+    return torch.cat([weight, mean.expand(rows - old, -1)], dim=0)
+
+
+def _resolve_text_model(text_model, release: dict, af2_dir: Path) -> tuple[str | os.PathLike, str | os.PathLike]:
+    """The LM and tokenizer sources: ``text_model`` when given, else the yaml's lang_encoder_path/tokenizer_path."""
+    if text_model is not None:
+        return text_model, text_model
+    model_config = release["model_config"]
+    out = []
+    for field_name in ("lang_encoder_path", "tokenizer_path"):
+        value = model_config.get(field_name) or model_config.get("lang_encoder_path")
+        if not value:
+            raise ConversionError("No text model given and the release yaml names none (lang_encoder_path).")
+        local = af2_dir / value
+        out.append(local if local.is_dir() else value)
+    return out[0], out[1]
+
+
+def assemble_checkpoint(
+    af2_dir: str | os.PathLike,
+    text_model: str | os.PathLike | None = None,
+    *,
+    config_yaml: str | os.PathLike | None = None,
+    cross_attention_head_dim: int | None = None,
+    progress: bool = True,
+    hub_kwargs: dict | None = None,
+) -> ConvertedCheckpoint:
+    """Read an original release and build everything the native model needs, in memory."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from .configuration_audioflamingo2 import AudioFlamingo2Config
+    from .tokenization_audioflamingo2 import prepare_af2_tokenizer
+
+    hub_kwargs = hub_kwargs or {}
+    report = ConversionReport()
+    af2_dir = resolve_source(af2_dir, _AF2_ALLOW_PATTERNS, **hub_kwargs)
+    yaml_path = find_release_yaml(af2_dir, config_yaml)
+    release = load_release_yaml(yaml_path)
+    clap_config, model_config = release["clap_config"], release["model_config"]
+    at_kwargs = model_config.get("audio_transformer_kwargs") or {}
+    report.notes.append(f"release yaml: {yaml_path.relative_to(af2_dir) if yaml_path.is_relative_to(af2_dir) else yaml_path}")
+    if "common_encoder_embed_dim" in at_kwargs:
+        report.notes.append("yaml audio_transformer_kwargs.common_encoder_embed_dim is ignored (as by the original: "
+                            "the width is clap_config.audio_embed_dim).")
+
+    text_source, tokenizer_source = _resolve_text_model(text_model, release, af2_dir)
+    text_dir = resolve_source(text_source, _TEXT_ALLOW_PATTERNS, **hub_kwargs)
+    tokenizer_dir = text_dir if tokenizer_source == text_source else resolve_source(
+        tokenizer_source, _TEXT_ALLOW_PATTERNS, **hub_kwargs)
+
+    safe = load_safe_ckpt(af2_dir, report, progress)
+    clap_path = find_clap_ckpt(af2_dir, clap_config)
+    writes = _Writes(report)
+
+    # ---- AF-CLAP (HTSAT): clap_ckpt first, then safe_ckpt's clap.nvclap.* overrides -----------------------------
+    htsat: dict[str, torch.Tensor] = {}
+    origins: dict[str, str] = {}
+    if clap_path is not None:
+        for key, tensor in load_clap_ckpt(clap_path, report).items():
+            htsat[key], origins[key] = tensor, "clap_ckpt"
+    else:
+        report.notes.append("no clap_ckpt/*.pt: every HTSAT tensor must come from safe_ckpt.")
+    overridden_htsat = 0
+    for key in [k for k in safe if k.startswith(SAFE_HTSAT_PREFIX)]:
+        rel = key[len(SAFE_HTSAT_PREFIX):]
+        if rel in htsat:
+            overridden_htsat += 1
+        htsat[rel], origins[rel] = safe.pop(key), "safe_ckpt"
+    if overridden_htsat:
+        report.notes.append(f"{overridden_htsat} HTSAT tensors of clap_ckpt are overridden by safe_ckpt "
+                            "(the original loads safe_ckpt last).")
+    audio_config = build_clap_audio_config(htsat)
+    for key, tensor in convert_htsat_state_dict(htsat, audio_config, "model.audio_tower.", report, origins).items():
+        writes.state[key] = tensor  # sources recorded by convert_htsat_state_dict
+    del htsat
+
+    width = audio_config.patch_embeds_hidden_size * 2 ** (len(audio_config.depths) - 1)
+    declared_width = clap_config.get("audio_embed_dim")
+    if declared_width is not None and int(declared_width) != width:
+        raise ConversionError(f"yaml clap_config.audio_embed_dim={declared_width} but HTSAT outputs width {width}.")
+
+    # ---- audio transformer --------------------------------------------------------------------------------------
+    inv_freq = None
+    at_layers: set[int] = set()
+    for key in [k for k in safe if k.startswith("audio_transformer_clap.")]:
+        tensor = safe.pop(key)
+        if key == "audio_transformer_clap.position_enc.inv_freq":
+            inv_freq = tensor
+            report.drop("audio_transformer_clap.position_enc.inv_freq (rotary buffer; recomputed from the config, "
+                        "verified)", key)
+            continue
+        if key in ("audio_transformer_clap.layer_norm.weight", "audio_transformer_clap.layer_norm.bias"):
+            writes.put("model.audio_transformer.input_layernorm." + key.rsplit(".", 1)[1], tensor, f"safe_ckpt:{key}")
+            continue
+        m = _AUDIO_TRANSFORMER_LAYER.fullmatch(key)
+        if m is None or m.group(2) not in _AT_LAYER_RENAMES:
+            raise ConversionError(f"Unmapped audio-transformer key {key}.")
+        at_layers.add(int(m.group(1)))
+        writes.put(f"model.audio_transformer.layers.{m.group(1)}.{_AT_LAYER_RENAMES[m.group(2)]}", tensor,
+                   f"safe_ckpt:{key}")
+    if not at_layers:
+        raise ConversionError("safe_ckpt holds no audio transformer (audio_transformer_clap.layer_stack.*).")
+    at_num_layers = max(at_layers) + 1
+    if sorted(at_layers) != list(range(at_num_layers)):
+        raise ConversionError(f"Audio transformer layers {sorted(at_layers)} are not 0..n-1.")
+    q = writes.state.get("model.audio_transformer.layers.0.self_attn.query.weight")
+    fc1 = writes.state.get("model.audio_transformer.layers.0.fc1.weight")
+    if q is None or fc1 is None:
+        raise ConversionError("Audio transformer layer 0 lacks w_qs or pos_ffn.w_1.")
+    if tuple(q.shape) != (width, width):
+        raise ConversionError(f"Audio transformer w_qs has shape {tuple(q.shape)}, expected ({width}, {width}).")
+    at_intermediate = int(fc1.shape[0])
+    if "n_head" not in at_kwargs:
+        raise ConversionError("yaml model_config.audio_transformer_kwargs.n_head is required (heads are not "
+                              "visible in the weight shapes).")
+    at_heads = int(at_kwargs["n_head"])
+    for name, found in (("n_layers", at_num_layers), ("d_inner", at_intermediate)):
+        if name in at_kwargs and int(at_kwargs[name]) != found:
+            raise ConversionError(f"yaml audio_transformer_kwargs.{name}={at_kwargs[name]} but the checkpoint has "
+                                  f"{found}.")
+    rotary_kwargs: dict[str, Any] = {}
+    if inv_freq is not None:
+        rotary_dim, rope_theta = _rotary_from_inv_freq(inv_freq, report)
+        rotary_kwargs = {"audio_transformer_rotary_dim": rotary_dim, "audio_transformer_rope_theta": rope_theta}
+    else:
+        report.notes.append("audio rotary inv_freq not stored: rotary dim/base from the original's defaults.")
+
+    # ---- language model: base repo, resize, then safe_ckpt -------------------------------------------------------
+    text_config = AutoConfig.from_pretrained(text_dir)
+    tokenizer = prepare_af2_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir))
+    vocab = len(tokenizer)
+    tied = bool(getattr(text_config, "tie_word_embeddings", False))
+    embed_key = "model.language_model.embed_tokens.weight"
+    head_key = embed_key if tied else "lm_head.weight"
+
+    base = _read_weight_files(text_dir, progress)
+    unknown_base = []
+    for key, tensor in base.items():
+        if key.startswith("model."):
+            rest = key[len("model."):]
+        elif key == "lm_head.weight":
+            rest = None
+        elif key.split(".", 1)[0] in ("embed_tokens", "layers", "norm"):
+            rest = key
+        else:
+            unknown_base.append(key)
+            continue
+        if rest is not None and rest.endswith("rotary_emb.inv_freq"):
+            report.drop("base LM rotary_emb.inv_freq (buffer recomputed by Qwen2)", key)
+            continue
+        tensor = tensor.float()
+        if rest is None:
+            if tied:
+                if key == "lm_head.weight" and not torch.equal(tensor, base.get("model.embed_tokens.weight",
+                                                                                tensor).float()):
+                    report.warnings.append("base LM is tied but stores an lm_head.weight different from its "
+                                           "embedding; the embedding is used (as transformers does).")
+                report.drop("base LM lm_head.weight (tied to the embedding)", key)
+                continue
+            writes.put("lm_head.weight", tensor, f"base_lm:{key}")
+        else:
+            writes.put("model.language_model." + rest, tensor, f"base_lm:{key}")
+    if unknown_base:
+        raise ConversionError("Unmapped keys in the base LM: " + ", ".join(sorted(unknown_base)))
+    del base
+    if embed_key not in writes.state:
+        raise ConversionError("The base LM has no embed_tokens weight.")
+    writes.state[embed_key] = _resize_rows(writes.state[embed_key], vocab, "input embedding", report)
+    if not tied:
+        if "lm_head.weight" not in writes.state:
+            raise ConversionError("The base LM is untied but stores no lm_head.weight.")
+        writes.state["lm_head.weight"] = _resize_rows(writes.state["lm_head.weight"], vocab, "lm_head", report)
+
+    num_layers = int(text_config.num_hidden_layers)
+    lm_overrides = 0
+    xattn: dict[str, tuple[str, torch.Tensor, bool]] = {}
+    duplicates = {"old_decoder_blocks": 0, "gated_cross_attn_layers_sound": 0}
+
+    def place_lm(key: str, native: str, tensor: torch.Tensor, duplicate: bool) -> None:
+        nonlocal lm_overrides
+        if native in writes.state and writes.report.sources.get(native, "").startswith("base_lm"):
+            lm_overrides += 1
+        writes.put(native, tensor.float(), f"safe_ckpt:{key}", expect_equal=duplicate)
+
+    # Visit order of the original's load_state_dict: lang_encoder.model.{embed_tokens, layers.i.{gated_cross_attn_
+    # layer_sound, decoder_layer}, norm}, lang_encoder.lm_head, lang_encoder.old_decoder_blocks.i,
+    # lang_encoder.gated_cross_attn_layers_sound.i. The duplicate families are the same modules as the canonical
+    # ones, so a full state_dict holds equal copies; if they differ, the later write (the duplicate) wins there.
+    lm_keys = [k for k in safe if k.startswith("lang_encoder.")]
+    order = {"canonical": [], "lm_head": [], "old_decoder_blocks": [], "gated_cross_attn_layers_sound": []}
+    unknown = []
+    for key in lm_keys:
+        if key.startswith("lang_encoder.model."):
+            order["canonical"].append(key)
+        elif key.startswith("lang_encoder.lm_head."):
+            order["lm_head"].append(key)
+        elif key.startswith("lang_encoder.old_decoder_blocks."):
+            order["old_decoder_blocks"].append(key)
+        elif key.startswith("lang_encoder.gated_cross_attn_layers_sound."):
+            order["gated_cross_attn_layers_sound"].append(key)
+        else:
+            unknown.append(key)
+    for key in order["canonical"] + order["lm_head"] + order["old_decoder_blocks"] + order[
+            "gated_cross_attn_layers_sound"]:
+        tensor = safe.pop(key)
+        if key == "lang_encoder.model.embed_tokens.weight":
+            if tensor.shape[0] != vocab:
+                raise ConversionError(f"safe_ckpt embedding has {tensor.shape[0]} rows but the AF2 tokenizer has "
+                                      f"{vocab} tokens (the original would fail to load it).")
+            place_lm(key, embed_key, tensor, False)
+        elif key == "lang_encoder.model.norm.weight":
+            place_lm(key, "model.language_model.norm.weight", tensor, False)
+        elif key == "lang_encoder.lm_head.weight":
+            if tensor.shape[0] != vocab:
+                raise ConversionError(f"safe_ckpt lm_head has {tensor.shape[0]} rows, expected {vocab}.")
+            place_lm(key, head_key, tensor, tied)
+        elif (m := _LM_CANONICAL_LAYER.fullmatch(key) or _LM_DUPLICATE_LAYER.fullmatch(key)) is not None:
+            duplicate = key.startswith("lang_encoder.old_decoder_blocks.")
+            duplicates["old_decoder_blocks"] += duplicate
+            if int(m.group(1)) >= num_layers:
+                raise ConversionError(f"{key}: layer index beyond the base LM's {num_layers} layers.")
+            place_lm(key, f"model.language_model.layers.{m.group(1)}.{m.group(2)}", tensor, duplicate)
+        elif (m := _XATTN_CANONICAL.fullmatch(key) or _XATTN_DUPLICATE.fullmatch(key)) is not None:
+            if m.group(2) not in _XATTN_RENAMES:
+                unknown.append(key)
+                continue
+            duplicate = key.startswith("lang_encoder.gated_cross_attn_layers_sound.")
+            duplicates["gated_cross_attn_layers_sound"] += duplicate
+            xattn_key = f"{m.group(1)}.{_XATTN_RENAMES[m.group(2)]}"
+            if xattn_key in xattn:
+                prior_key, prior, _ = xattn[xattn_key]
+                if prior.shape != tensor.shape or not torch.equal(prior.float(), tensor.float()):
+                    report.warnings.append(f"{key} differs from {prior_key}; {key} is used because the original "
+                                           "loads it last.")
+            xattn[xattn_key] = (key, tensor, duplicate)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError("Unmapped language-model keys in safe_ckpt: " + ", ".join(sorted(unknown)))
+    if lm_overrides:
+        report.notes.append(f"{lm_overrides} base-LM tensors are overridden by safe_ckpt.")
+    for family, count in duplicates.items():
+        if count:
+            report.notes.append(f"duplicate family lang_encoder.{family}.*: {count} tensors, compared with the "
+                                "canonical lang_encoder.model.layers.{i}.* copies (equal copies are merged; "
+                                "a differing copy wins, as in the original's load order).")
+
+    # ---- gated cross-attention ---------------------------------------------------------------------------------
+    xattn_layers = sorted({int(k.split(".", 1)[0]) for k in xattn})
+    every_n = _infer_every_n(xattn_layers, num_layers)
+    declared_every_n = int(model_config.get("cross_attn_every_n_layers", 1))
+    if declared_every_n != every_n:
+        raise ConversionError(f"yaml cross_attn_every_n_layers={declared_every_n} but the checkpoint has "
+                              f"cross-attention blocks every {every_n} layers ({xattn_layers}).")
+    position = {layer: j for j, layer in enumerate(xattn_layers)}
+    for xattn_key, (key, tensor, _) in sorted(xattn.items()):
+        layer, name = xattn_key.split(".", 1)
+        writes.put(f"model.cross_attention_layers.{position[int(layer)]}.{name}", tensor.float(), f"safe_ckpt:{key}")
+    hidden = int(text_config.hidden_size)
+    to_q = writes.state.get("model.cross_attention_layers.0.to_q.weight")
+    to_kv = writes.state.get("model.cross_attention_layers.0.to_kv.weight")
+    ff_in = writes.state.get("model.cross_attention_layers.0.ff_in.weight")
+    if to_q is None or to_kv is None or ff_in is None:
+        raise ConversionError("The first gated cross-attention block lacks to_q, to_kv or ff.1.")
+    head_dim = int(cross_attention_head_dim or model_config.get("cross_attn_dim_head") or
+                   DEFAULT_CROSS_ATTENTION_HEAD_DIM)
+    inner = int(to_q.shape[0])
+    if inner % head_dim != 0:
+        raise ConversionError(f"Cross-attention width {inner} is not a multiple of head_dim {head_dim}.")
+    if to_q.shape[1] != hidden or to_kv.shape != (2 * inner, width):
+        raise ConversionError(f"Cross-attention shapes to_q {tuple(to_q.shape)} / to_kv {tuple(to_kv.shape)} do not "
+                              f"match LM width {hidden} and audio width {width}.")
+    if ff_in.shape[0] % hidden != 0:
+        raise ConversionError(f"Cross-attention FFN width {ff_in.shape[0]} is not a multiple of {hidden}.")
+
+    # ---- leftovers ---------------------------------------------------------------------------------------------
+    if safe:
+        raise ConversionError("Unmapped keys in safe_ckpt (not a documented unused family): "
+                              + ", ".join(sorted(safe)))
+
+    # ---- config ------------------------------------------------------------------------------------------------
+    embed_rows = writes.state[embed_key].shape[0]
+    text_config.vocab_size = int(embed_rows)
+    text_config._name_or_path = ""  # no local path of the conversion machine in the written config
+    grid = audio_config.spec_size // audio_config.patch_stride[0] // 2 ** (len(audio_config.depths) - 1)
+    special = {
+        "audio_token_id": tokenizer.convert_tokens_to_ids("<audio>"),
+        "end_of_chunk_token_id": tokenizer.convert_tokens_to_ids("<|endofchunk|>"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    config = AudioFlamingo2Config(
+        audio_config=audio_config.to_dict(),
+        text_config=text_config.to_dict(),
+        audio_transformer_num_layers=at_num_layers,
+        audio_transformer_num_heads=at_heads,
+        audio_transformer_intermediate_size=at_intermediate,
+        cross_attention_every_n_layers=every_n,
+        cross_attention_num_heads=inner // head_dim,
+        cross_attention_head_dim=head_dim,
+        cross_attention_ff_mult=int(ff_in.shape[0] // hidden),
+        tokens_per_window=int(grid * grid),
+        **rotary_kwargs,
+        **special,
+    )
+    if config.cross_attention_layers != xattn_layers:
+        raise ConversionError(f"Config places cross-attention before {config.cross_attention_layers}, checkpoint "
+                              f"before {xattn_layers}.")
+    if tied:
+        writes.state["lm_head.weight"] = writes.state[embed_key]
+        report.sources["lm_head.weight"] = f"tied:{embed_key}"
+
+    # ---- generation and processing defaults --------------------------------------------------------------------
+    try:
+        generation_config = GenerationConfig.from_pretrained(text_dir)
+    except OSError:
+        generation_config = GenerationConfig()
+    # The release's inference.py samples with top_k 30 / top_p 0.95 and max_new_tokens 256, stopping at the
+    # tokenizer's eos; its benchmarks decode greedily (pass do_sample=False).
+    generation_config.update(
+        do_sample=True, top_k=30, top_p=0.95, temperature=1.0, max_new_tokens=256, num_return_sequences=1,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    processor_kwargs = {
+        "num_mel_bins": int(audio_config.num_mel_bins),
+        "max_num_windows": int(clap_config.get("max_num_window", 1)),
+        "window_length": float(clap_config.get("window_length", 10.0)),
+        "window_overlap": float(clap_config.get("window_overlap", 0.0)),
+    }
+    return ConvertedCheckpoint(config, writes.state, report, tokenizer, generation_config, processor_kwargs,
+                               af2_dir, text_dir, release)
+
+
+def build_native_checkpoint(af2_dir, text_model=None, **kwargs):
+    """``(config, native_state_dict, report)`` for an original release, without writing anything."""
+    converted = assemble_checkpoint(af2_dir, text_model, **kwargs)
+    return converted.config, converted.state_dict, converted.report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building, checking and writing the native model
+# ----------------------------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Unsupported dtype {dtype!r}; choose one of float32, bfloat16, float16.")
+    return _DTYPES[dtype]
+
+
+def load_native_model(config, state_dict: dict[str, torch.Tensor]):
+    """``AudioFlamingo2ForConditionalGeneration`` holding exactly ``state_dict`` (strict: no missing/extra key)."""
+    from transformers.initialization import no_init_weights
+
+    from .modeling_audioflamingo2 import AudioFlamingo2ForConditionalGeneration
+
+    with no_init_weights():
+        model = AudioFlamingo2ForConditionalGeneration(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if tuple(expected[k].shape) != tuple(state_dict[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: " + ", ".join(missing))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: " + ", ".join(unexpected))
+        if mismatched:
+            parts.append(f"{len(mismatched)} with another shape: " + ", ".join(mismatched))
+        raise ConversionError("The converted weights do not fit AudioFlamingo2ForConditionalGeneration; nothing "
+                              "was written. " + "; ".join(parts))
+    # Floating tensors follow the original's float32 model; integer buffers keep their dtype.
+    state = {k: (v.float() if v.is_floating_point() else v.to(expected[k].dtype)) for k, v in state_dict.items()}
+    model.load_state_dict(state, strict=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def convert_af2_checkpoint(
+    af2_dir: str | os.PathLike,
+    text_model: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    push_to_hub: str | None = None,
+    *,
+    config_yaml: str | os.PathLike | None = None,
+    cross_attention_head_dim: int | None = None,
+    max_shard_size: str | int = "5GB",
+    private: bool | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+    hub_kwargs: dict | None = None,
+) -> ConversionReport:
+    """Convert an original Audio Flamingo 2 release into a native Hugging Face checkpoint in ``output_dir``.
+
+    Args:
+        af2_dir: the original release (local folder or Hub id): safe_ckpt/, clap_ckpt/, configs/*.yaml.
+        text_model: the base language model + tokenizer (local folder or Hub id). ``None`` takes the yaml's
+            ``lang_encoder_path``/``tokenizer_path`` (resolved against ``af2_dir`` when local).
+        output_dir: where the model, tokenizer, processor and generation config are written.
+        dtype: ``float32`` (the original's precision), ``bfloat16`` or ``float16``.
+        push_to_hub: a repo id to upload ``output_dir`` to after writing.
+    Returns:
+        The :class:`ConversionReport` (also printed when ``verbose``).
+    """
+    from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor
+    from .processing_audioflamingo2 import AudioFlamingo2Processor
+
+    torch_dtype = _as_dtype(dtype)
+    converted = assemble_checkpoint(af2_dir, text_model, config_yaml=config_yaml,
+                                    cross_attention_head_dim=cross_attention_head_dim, progress=progress,
+                                    hub_kwargs=hub_kwargs)
+    model = load_native_model(converted.config, converted.state_dict)
+    converted.state_dict.clear()
+    if torch_dtype != torch.float32:
+        model = model.to(torch_dtype)
+    model.config.dtype = torch_dtype
+    model.generation_config = converted.generation_config
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, max_shard_size=max_shard_size)
+    feature_extractor = AudioFlamingo2FeatureExtractor(**converted.processor_kwargs)
+    processor = AudioFlamingo2Processor(feature_extractor=feature_extractor, tokenizer=converted.tokenizer)
+    processor.save_pretrained(output_dir)
+    report = converted.report
+    report.notes.append(f"written to {output_dir} ({str(torch_dtype).replace('torch.', '')}, "
+                        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters).")
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(output_dir), repo_id=push_to_hub,
+                          commit_message="Convert Audio Flamingo 2 to the native Transformers format")
+        report.notes.append(f"pushed to https://huggingface.co/{push_to_hub}")
+    if verbose:
+        print(report.summary())
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Convert an original Audio Flamingo 2 release to Transformers.")
+    parser.add_argument("--af2-dir", required=True, help="original release folder or Hub id (e.g. nvidia/audio-flamingo-2)")
+    parser.add_argument("--text-model", default=None,
+                        help="base LM + tokenizer folder or Hub id (default: the yaml's lang_encoder_path)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--config-yaml", default=None, help="release yaml (default: configs/*.yaml)")
+    parser.add_argument("--cross-attention-head-dim", type=int, default=None,
+                        help=f"head size of the gated cross-attention (default {DEFAULT_CROSS_ATTENTION_HEAD_DIM})")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        convert_af2_checkpoint(
+            args.af2_dir, args.text_model, args.output_dir, dtype=args.dtype, push_to_hub=args.push_to_hub,
+            config_yaml=args.config_yaml, cross_attention_head_dim=args.cross_attention_head_dim,
+            max_shard_size=args.max_shard_size, private=args.private or None, progress=not args.no_progress,
+        )
+    except ConversionError as error:
+        print(f"conversion failed: {error}")
+        return 1
+    return 0
+
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "assemble_checkpoint",
+    "build_clap_audio_config",
+    "build_native_checkpoint",
+    "convert_af2_checkpoint",
+    "convert_htsat_state_dict",
+    "load_native_model",
+    "main",
+]
