@@ -273,11 +273,13 @@ def convert_htsat_state_dict(
     prefix: str = "",
     report: ConversionReport | None = None,
     origins: dict[str, str] | None = None,
+    unmapped: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Map HTSAT keys (relative to the HTSAT module) to ``ClapAudioModel`` keys (prefixed with ``prefix``).
 
     Drops the documented unused families, checks the non-persistent buffers of the original (``attn_mask``) against
-    what transformers computes, and raises :class:`ConversionError` on any other key it cannot place.
+    what transformers computes, and raises :class:`ConversionError` on any other key it cannot place (or appends it to
+    ``unmapped`` when a list is given).
     """
     report = report if report is not None else ConversionReport()
     origins = origins or {}
@@ -333,7 +335,9 @@ def convert_htsat_state_dict(
         for native, value in target:
             out[prefix + native] = value
             report.sources[prefix + native] = f"{origin}:{key}"
-    if unknown:
+    if unknown and unmapped is not None:
+        unmapped.extend(f"HTSAT {k} (from {origins.get(k, 'htsat')})" for k in unknown)
+    elif unknown:
         raise ConversionError("Unmapped HTSAT keys (not a documented unused family): " + ", ".join(sorted(unknown)))
     return out
 
@@ -443,7 +447,7 @@ def find_clap_ckpt(af2_dir: Path, clap_config: dict) -> Path | None:
     return found[0] if found else None
 
 
-def load_clap_ckpt(path: Path, report: ConversionReport) -> dict[str, torch.Tensor]:
+def load_clap_ckpt(path: Path, report: ConversionReport, unmapped: list[str] | None = None) -> dict[str, torch.Tensor]:
     """HTSAT tensors (keys relative to HTSAT) of a LAION-CLAP checkpoint; its other entries are dropped or refused."""
     checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
@@ -462,35 +466,39 @@ def load_clap_ckpt(path: Path, report: ConversionReport) -> dict[str, torch.Tens
             report.drop(f"clap_ckpt {family}* ({UNUSED_CLAP_CKPT_FAMILIES[family]})", key)
         else:
             unknown.append(key)
-    if unknown:
+    if unknown and unmapped is not None:
+        unmapped.extend(f"{k} ({path.name})" for k in unknown)
+    elif unknown:
         raise ConversionError(f"Unmapped keys in {path.name} (not a documented unused CLAP family): "
                               + ", ".join(sorted(unknown)))
     report.notes.append(f"clap_ckpt {path.name}: {len(htsat)} HTSAT tensors.")
     return htsat
 
 
-def _read_weight_files(folder: Path, progress: bool) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face model folder (safetensors preferred, ``pytorch_model*.bin`` otherwise)."""
-    from safetensors.torch import load_file
+def _weight_loaders(folder: Path, progress: bool):
+    """``(key, load)`` for every tensor of a Hugging Face model folder; ``load()`` reads that tensor only."""
+    from safetensors import safe_open
 
-    for index_name, single, loader in (
-        ("model.safetensors.index.json", "model.safetensors", lambda f: load_file(str(f))),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin",
-         lambda f: torch.load(f, weights_only=True, map_location="cpu")),
-    ):
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
             with open(index, encoding="utf-8") as handle:
-                files = sorted(set(json.load(handle)["weight_map"].values()))
-            files = [folder / f for f in files]
+                files = [folder / f for f in sorted(set(json.load(handle)["weight_map"].values()))]
         elif (folder / single).is_file():
             files = [folder / single]
         else:
             continue
-        state: dict[str, torch.Tensor] = {}
         for file in _progress(files, "base LM shards", progress):
-            state.update(loader(file))
-        return state
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as handle:
+                    for key in handle.keys():
+                        yield key, (lambda h=handle, k=key: h.get_tensor(k))
+            else:
+                state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+                for key, tensor in state.items():
+                    yield key, (lambda t=tensor: t)
+        return
     raise ConversionError(f"No model weights (model.safetensors / pytorch_model.bin) in {folder}.")
 
 
@@ -669,6 +677,7 @@ def assemble_checkpoint(
         tokenizer_source, _TEXT_ALLOW_PATTERNS, **hub_kwargs)
 
     safe = load_safe_ckpt(af2_dir, report, progress)
+    unmapped: list[str] = []  # every key no documented rule places; reported together at the end
     clap_path = find_clap_ckpt(af2_dir, clap_config)
     writes = _Writes(report)
 
@@ -676,7 +685,7 @@ def assemble_checkpoint(
     htsat: dict[str, torch.Tensor] = {}
     origins: dict[str, str] = {}
     if clap_path is not None:
-        for key, tensor in load_clap_ckpt(clap_path, report).items():
+        for key, tensor in load_clap_ckpt(clap_path, report, unmapped).items():
             htsat[key], origins[key] = tensor, "clap_ckpt"
     else:
         report.notes.append("no clap_ckpt/*.pt: every HTSAT tensor must come from safe_ckpt.")
@@ -690,7 +699,8 @@ def assemble_checkpoint(
         report.notes.append(f"{overridden_htsat} HTSAT tensors of clap_ckpt are overridden by safe_ckpt "
                             "(the original loads safe_ckpt last).")
     audio_config = build_clap_audio_config(htsat)
-    for key, tensor in convert_htsat_state_dict(htsat, audio_config, "model.audio_tower.", report, origins).items():
+    for key, tensor in convert_htsat_state_dict(htsat, audio_config, "model.audio_tower.", report, origins,
+                                                unmapped).items():
         writes.state[key] = tensor  # sources recorded by convert_htsat_state_dict
     del htsat
 
@@ -714,7 +724,8 @@ def assemble_checkpoint(
             continue
         m = _AUDIO_TRANSFORMER_LAYER.fullmatch(key)
         if m is None or m.group(2) not in _AT_LAYER_RENAMES:
-            raise ConversionError(f"Unmapped audio-transformer key {key}.")
+            unmapped.append(key)
+            continue
         at_layers.add(int(m.group(1)))
         writes.put(f"model.audio_transformer.layers.{m.group(1)}.{_AT_LAYER_RENAMES[m.group(2)]}", tensor,
                    f"safe_ckpt:{key}")
@@ -753,9 +764,74 @@ def assemble_checkpoint(
     embed_key = "model.language_model.embed_tokens.weight"
     head_key = embed_key if tied else "lm_head.weight"
 
-    base = _read_weight_files(text_dir, progress)
-    unknown_base = []
-    for key, tensor in base.items():
+    num_layers = int(text_config.num_hidden_layers)
+
+    # safe_ckpt LM keys in the visit order of the original's load_state_dict: lang_encoder.model.{embed_tokens,
+    # layers.i.{gated_cross_attn_layer_sound, decoder_layer}, norm}, lang_encoder.lm_head, then the duplicate
+    # families lang_encoder.old_decoder_blocks.i and lang_encoder.gated_cross_attn_layers_sound.i. The duplicates are
+    # the same modules as the canonical ones, so a full state_dict holds equal copies (they are compared); if a copy
+    # differs, the later write (the duplicate) wins, as it does in the original.
+    groups = {"canonical": [], "lm_head": [], "old_decoder_blocks": [], "gated_cross_attn_layers_sound": []}
+    for key in [k for k in safe if k.startswith("lang_encoder.")]:
+        if key.startswith("lang_encoder.model."):
+            groups["canonical"].append(key)
+        elif key.startswith("lang_encoder.lm_head."):
+            groups["lm_head"].append(key)
+        elif key.startswith("lang_encoder.old_decoder_blocks."):
+            groups["old_decoder_blocks"].append(key)
+        elif key.startswith("lang_encoder.gated_cross_attn_layers_sound."):
+            groups["gated_cross_attn_layers_sound"].append(key)
+        else:
+            unmapped.append(key)
+            safe.pop(key)
+    lm_writes: list[tuple[str, str, torch.Tensor, bool]] = []  # (native key, original key, tensor, is duplicate)
+    xattn: dict[str, tuple[str, torch.Tensor]] = {}
+    duplicates = {"old_decoder_blocks": 0, "gated_cross_attn_layers_sound": 0}
+    for key in sum(groups.values(), []):
+        tensor = safe.pop(key)
+        if key == "lang_encoder.model.embed_tokens.weight":
+            if tensor.shape[0] != vocab:
+                raise ConversionError(f"safe_ckpt embedding has {tensor.shape[0]} rows but the AF2 tokenizer has "
+                                      f"{vocab} tokens (the original would fail to load it).")
+            lm_writes.append((embed_key, key, tensor, False))
+        elif key == "lang_encoder.model.norm.weight":
+            lm_writes.append(("model.language_model.norm.weight", key, tensor, False))
+        elif key == "lang_encoder.lm_head.weight":
+            if tensor.shape[0] != vocab:
+                raise ConversionError(f"safe_ckpt lm_head has {tensor.shape[0]} rows, expected {vocab}.")
+            # tied: the same parameter as the embedding; the original writes lm_head after embed_tokens
+            lm_writes.append((head_key, key, tensor, tied))
+        elif (m := _LM_CANONICAL_LAYER.fullmatch(key) or _LM_DUPLICATE_LAYER.fullmatch(key)) is not None:
+            duplicate = key.startswith("lang_encoder.old_decoder_blocks.")
+            duplicates["old_decoder_blocks"] += duplicate
+            if int(m.group(1)) >= num_layers:
+                raise ConversionError(f"{key}: layer index beyond the base LM's {num_layers} layers.")
+            lm_writes.append((f"model.language_model.layers.{m.group(1)}.{m.group(2)}", key, tensor, duplicate))
+        elif (m := _XATTN_CANONICAL.fullmatch(key) or _XATTN_DUPLICATE.fullmatch(key)) is not None:
+            if m.group(2) not in _XATTN_RENAMES:
+                unmapped.append(key)
+                continue
+            duplicate = key.startswith("lang_encoder.gated_cross_attn_layers_sound.")
+            duplicates["gated_cross_attn_layers_sound"] += duplicate
+            xattn_key = f"{m.group(1)}.{_XATTN_RENAMES[m.group(2)]}"
+            if xattn_key in xattn:
+                prior_key, prior = xattn[xattn_key]
+                if prior.shape != tensor.shape or not torch.equal(prior.float(), tensor.float()):
+                    report.warnings.append(f"{key} differs from {prior_key}; {key} is used because the original "
+                                           "loads it last.")
+            xattn[xattn_key] = (key, tensor)
+        else:
+            unmapped.append(key)
+    for family, count in duplicates.items():
+        if count:
+            report.notes.append(f"duplicate family lang_encoder.{family}.*: {count} tensors compared with the "
+                                "canonical lang_encoder.model.layers.{i}.* copies (equal copies are merged; a "
+                                "differing copy wins, as in the original's load order).")
+
+    # Base LM first (tensors that safe_ckpt overrides are not even read), resized like resize_token_embeddings.
+    overridden_by_safe = {native for native, _, _, _ in lm_writes}
+    skipped = 0
+    for key, load in _weight_loaders(text_dir, progress):
         if key.startswith("model."):
             rest = key[len("model."):]
         elif key == "lm_head.weight":
@@ -763,107 +839,32 @@ def assemble_checkpoint(
         elif key.split(".", 1)[0] in ("embed_tokens", "layers", "norm"):
             rest = key
         else:
-            unknown_base.append(key)
+            unmapped.append(f"{key} (base LM)")
             continue
         if rest is not None and rest.endswith("rotary_emb.inv_freq"):
             report.drop("base LM rotary_emb.inv_freq (buffer recomputed by Qwen2)", key)
             continue
-        tensor = tensor.float()
-        if rest is None:
-            if tied:
-                if key == "lm_head.weight" and not torch.equal(tensor, base.get("model.embed_tokens.weight",
-                                                                                tensor).float()):
-                    report.warnings.append("base LM is tied but stores an lm_head.weight different from its "
-                                           "embedding; the embedding is used (as transformers does).")
-                report.drop("base LM lm_head.weight (tied to the embedding)", key)
-                continue
-            writes.put("lm_head.weight", tensor, f"base_lm:{key}")
-        else:
-            writes.put("model.language_model." + rest, tensor, f"base_lm:{key}")
-    if unknown_base:
-        raise ConversionError("Unmapped keys in the base LM: " + ", ".join(sorted(unknown_base)))
-    del base
-    if embed_key not in writes.state:
-        raise ConversionError("The base LM has no embed_tokens weight.")
-    writes.state[embed_key] = _resize_rows(writes.state[embed_key], vocab, "input embedding", report)
+        if rest is None and tied:
+            report.drop("base LM lm_head.weight (tied to the embedding, as transformers loads it)", key)
+            continue
+        native = "lm_head.weight" if rest is None else "model.language_model." + rest
+        if native in overridden_by_safe:
+            skipped += 1
+            continue
+        writes.put(native, load().float(), f"base_lm:{key}")
+    if skipped:
+        report.notes.append(f"{skipped} base-LM tensors are overridden by safe_ckpt (not read).")
+    if embed_key in writes.state:
+        writes.state[embed_key] = _resize_rows(writes.state[embed_key], vocab, "input embedding", report)
+    elif embed_key not in overridden_by_safe:
+        raise ConversionError("Neither the base LM nor safe_ckpt holds the input embedding.")
     if not tied:
-        if "lm_head.weight" not in writes.state:
-            raise ConversionError("The base LM is untied but stores no lm_head.weight.")
-        writes.state["lm_head.weight"] = _resize_rows(writes.state["lm_head.weight"], vocab, "lm_head", report)
-
-    num_layers = int(text_config.num_hidden_layers)
-    lm_overrides = 0
-    xattn: dict[str, tuple[str, torch.Tensor, bool]] = {}
-    duplicates = {"old_decoder_blocks": 0, "gated_cross_attn_layers_sound": 0}
-
-    def place_lm(key: str, native: str, tensor: torch.Tensor, duplicate: bool) -> None:
-        nonlocal lm_overrides
-        if native in writes.state and writes.report.sources.get(native, "").startswith("base_lm"):
-            lm_overrides += 1
+        if "lm_head.weight" in writes.state:
+            writes.state["lm_head.weight"] = _resize_rows(writes.state["lm_head.weight"], vocab, "lm_head", report)
+        elif "lm_head.weight" not in overridden_by_safe:
+            raise ConversionError("The LM is untied but neither the base LM nor safe_ckpt holds lm_head.weight.")
+    for native, key, tensor, duplicate in lm_writes:
         writes.put(native, tensor.float(), f"safe_ckpt:{key}", expect_equal=duplicate)
-
-    # Visit order of the original's load_state_dict: lang_encoder.model.{embed_tokens, layers.i.{gated_cross_attn_
-    # layer_sound, decoder_layer}, norm}, lang_encoder.lm_head, lang_encoder.old_decoder_blocks.i,
-    # lang_encoder.gated_cross_attn_layers_sound.i. The duplicate families are the same modules as the canonical
-    # ones, so a full state_dict holds equal copies; if they differ, the later write (the duplicate) wins there.
-    lm_keys = [k for k in safe if k.startswith("lang_encoder.")]
-    order = {"canonical": [], "lm_head": [], "old_decoder_blocks": [], "gated_cross_attn_layers_sound": []}
-    unknown = []
-    for key in lm_keys:
-        if key.startswith("lang_encoder.model."):
-            order["canonical"].append(key)
-        elif key.startswith("lang_encoder.lm_head."):
-            order["lm_head"].append(key)
-        elif key.startswith("lang_encoder.old_decoder_blocks."):
-            order["old_decoder_blocks"].append(key)
-        elif key.startswith("lang_encoder.gated_cross_attn_layers_sound."):
-            order["gated_cross_attn_layers_sound"].append(key)
-        else:
-            unknown.append(key)
-    for key in order["canonical"] + order["lm_head"] + order["old_decoder_blocks"] + order[
-            "gated_cross_attn_layers_sound"]:
-        tensor = safe.pop(key)
-        if key == "lang_encoder.model.embed_tokens.weight":
-            if tensor.shape[0] != vocab:
-                raise ConversionError(f"safe_ckpt embedding has {tensor.shape[0]} rows but the AF2 tokenizer has "
-                                      f"{vocab} tokens (the original would fail to load it).")
-            place_lm(key, embed_key, tensor, False)
-        elif key == "lang_encoder.model.norm.weight":
-            place_lm(key, "model.language_model.norm.weight", tensor, False)
-        elif key == "lang_encoder.lm_head.weight":
-            if tensor.shape[0] != vocab:
-                raise ConversionError(f"safe_ckpt lm_head has {tensor.shape[0]} rows, expected {vocab}.")
-            place_lm(key, head_key, tensor, tied)
-        elif (m := _LM_CANONICAL_LAYER.fullmatch(key) or _LM_DUPLICATE_LAYER.fullmatch(key)) is not None:
-            duplicate = key.startswith("lang_encoder.old_decoder_blocks.")
-            duplicates["old_decoder_blocks"] += duplicate
-            if int(m.group(1)) >= num_layers:
-                raise ConversionError(f"{key}: layer index beyond the base LM's {num_layers} layers.")
-            place_lm(key, f"model.language_model.layers.{m.group(1)}.{m.group(2)}", tensor, duplicate)
-        elif (m := _XATTN_CANONICAL.fullmatch(key) or _XATTN_DUPLICATE.fullmatch(key)) is not None:
-            if m.group(2) not in _XATTN_RENAMES:
-                unknown.append(key)
-                continue
-            duplicate = key.startswith("lang_encoder.gated_cross_attn_layers_sound.")
-            duplicates["gated_cross_attn_layers_sound"] += duplicate
-            xattn_key = f"{m.group(1)}.{_XATTN_RENAMES[m.group(2)]}"
-            if xattn_key in xattn:
-                prior_key, prior, _ = xattn[xattn_key]
-                if prior.shape != tensor.shape or not torch.equal(prior.float(), tensor.float()):
-                    report.warnings.append(f"{key} differs from {prior_key}; {key} is used because the original "
-                                           "loads it last.")
-            xattn[xattn_key] = (key, tensor, duplicate)
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ConversionError("Unmapped language-model keys in safe_ckpt: " + ", ".join(sorted(unknown)))
-    if lm_overrides:
-        report.notes.append(f"{lm_overrides} base-LM tensors are overridden by safe_ckpt.")
-    for family, count in duplicates.items():
-        if count:
-            report.notes.append(f"duplicate family lang_encoder.{family}.*: {count} tensors, compared with the "
-                                "canonical lang_encoder.model.layers.{i}.* copies (equal copies are merged; "
-                                "a differing copy wins, as in the original's load order).")
 
     # ---- gated cross-attention ---------------------------------------------------------------------------------
     xattn_layers = sorted({int(k.split(".", 1)[0]) for k in xattn})
@@ -873,7 +874,7 @@ def assemble_checkpoint(
         raise ConversionError(f"yaml cross_attn_every_n_layers={declared_every_n} but the checkpoint has "
                               f"cross-attention blocks every {every_n} layers ({xattn_layers}).")
     position = {layer: j for j, layer in enumerate(xattn_layers)}
-    for xattn_key, (key, tensor, _) in sorted(xattn.items()):
+    for xattn_key, (key, tensor) in sorted(xattn.items()):
         layer, name = xattn_key.split(".", 1)
         writes.put(f"model.cross_attention_layers.{position[int(layer)]}.{name}", tensor.float(), f"safe_ckpt:{key}")
     hidden = int(text_config.hidden_size)
@@ -894,9 +895,10 @@ def assemble_checkpoint(
         raise ConversionError(f"Cross-attention FFN width {ff_in.shape[0]} is not a multiple of {hidden}.")
 
     # ---- leftovers ---------------------------------------------------------------------------------------------
-    if safe:
-        raise ConversionError("Unmapped keys in safe_ckpt (not a documented unused family): "
-                              + ", ".join(sorted(safe)))
+    unmapped.extend(sorted(safe))
+    if unmapped:
+        raise ConversionError(f"{len(unmapped)} keys are not mapped and not a documented unused family; nothing "
+                              "was converted: " + ", ".join(sorted(unmapped)))
 
     # ---- config ------------------------------------------------------------------------------------------------
     embed_rows = writes.state[embed_key].shape[0]
@@ -1000,9 +1002,11 @@ def load_native_model(config, state_dict: dict[str, torch.Tensor]):
             parts.append(f"{len(mismatched)} with another shape: " + ", ".join(mismatched))
         raise ConversionError("The converted weights do not fit AudioFlamingo2ForConditionalGeneration; nothing "
                               "was written. " + "; ".join(parts))
-    # Floating tensors follow the original's float32 model; integer buffers keep their dtype.
+    # Floating tensors follow the original's float32 model; integer buffers keep their dtype. assign=True hands the
+    # tensors over instead of copying them (the never-touched empty parameters are released).
     state = {k: (v.float() if v.is_floating_point() else v.to(expected[k].dtype)) for k, v in state_dict.items()}
-    model.load_state_dict(state, strict=True)
+    del expected
+    model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
@@ -1046,7 +1050,8 @@ def convert_af2_checkpoint(
     converted.state_dict.clear()
     if torch_dtype != torch.float32:
         model = model.to(torch_dtype)
-    model.config.dtype = torch_dtype
+    for cfg in (model.config, model.config.text_config, model.config.audio_config):
+        cfg.dtype = torch_dtype
     model.generation_config = converted.generation_config
 
     output_dir = Path(output_dir)
