@@ -753,6 +753,10 @@ def assemble_checkpoint(
     if inv_freq is not None:
         rotary_dim, rope_theta = _rotary_from_inv_freq(inv_freq, report)
         rotary_kwargs = {"audio_transformer_rotary_dim": rotary_dim, "audio_transformer_rope_theta": rope_theta}
+        default_dim = max((width // at_heads) // 2, 32)
+        if rotary_dim != default_dim:
+            report.notes.append(f"stored inv_freq rotates {rotary_dim} dims per head, not max(head_dim // 2, 32) = "
+                                f"{default_dim} for n_head={at_heads}; the stored buffer is what the original uses.")
     else:
         report.notes.append("audio rotary inv_freq not stored: rotary dim/base from the original's defaults.")
 
@@ -883,8 +887,8 @@ def assemble_checkpoint(
     ff_in = writes.state.get("model.cross_attention_layers.0.ff_in.weight")
     if to_q is None or to_kv is None or ff_in is None:
         raise ConversionError("The first gated cross-attention block lacks to_q, to_kv or ff.1.")
-    head_dim = int(cross_attention_head_dim or model_config.get("cross_attn_dim_head") or
-                   DEFAULT_CROSS_ATTENTION_HEAD_DIM)
+    # GatedCrossAttentionBlock is built with its default dim_head=64 (the yaml has no setting for it)
+    head_dim = int(cross_attention_head_dim or DEFAULT_CROSS_ATTENTION_HEAD_DIM)
     inner = int(to_q.shape[0])
     if inner % head_dim != 0:
         raise ConversionError(f"Cross-attention width {inner} is not a multiple of head_dim {head_dim}.")
