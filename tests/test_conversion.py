@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from af2_testing import golden_dir, golden_tensors, relative_error
+from af2_testing import relative_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -35,14 +35,13 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def golden_root() -> Path:
-    return golden_dir()  # raises (never skips) when the golden folder is missing
+def golden_root(golden_dir) -> Path:
+    return golden_dir  # conftest: fails (never skips) when the golden folder is missing
 
 
 @pytest.fixture(scope="module")
-def expected_json(golden_root):
-    with open(golden_root / "expected.json", encoding="utf-8") as handle:
-        return json.load(handle)
+def expected_json(golden_json) -> dict:
+    return golden_json
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +165,9 @@ def test_config_matches_original(converted, expected_json):
 
 
 @pytest.mark.parametrize("case", ["a", "b", "c"])
-def test_clap_out_parity(converted, case):
+def test_clap_out_parity(converted, golden, case):
     out, _ = converted
     model = AudioFlamingo2ForConditionalGeneration.from_pretrained(out).eval()
-    golden = golden_tensors()
     with torch.no_grad():
         hidden = model.model.audio_tower(input_features=golden[f"{case}.mel"][:, None]).last_hidden_state
     clap_out = hidden.flatten(2).transpose(1, 2)
@@ -214,7 +212,7 @@ def test_report_drops_only_documented_families(converted, baseline):
     assert set(state) == set(report.sources)
 
 
-def test_bfloat16_output(golden_root, tmp_path):
+def test_bfloat16_output(golden_root, golden, tmp_path):
     out = tmp_path / "bf16"
     convert_af2_checkpoint(golden_root / "original", golden_root / "base_lm", out, dtype="bfloat16",
                            progress=False, verbose=False)
@@ -227,7 +225,6 @@ def test_bfloat16_output(golden_root, tmp_path):
     model, info = AudioFlamingo2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model.dtype == torch.bfloat16
-    golden = golden_tensors()
     with torch.no_grad():
         clap_out = model.float().model.audio_tower(input_features=golden["a.mel"][:, None]).last_hidden_state
     assert relative_error(clap_out.flatten(2).transpose(1, 2), golden["a.clap_out"]) <= 2e-2  # bf16 weights
