@@ -1,5 +1,6 @@
 """Audio Flamingo 2 as a native Hugging Face Transformers model."""
 
+from .audio import AudioLoadError, load_audio
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 from .modeling_audioflamingo2 import (
     AudioFlamingo2ForConditionalGeneration,
@@ -12,4 +13,6 @@ __all__ = [
     "AudioFlamingo2ForConditionalGeneration",
     "AudioFlamingo2Model",
     "AudioFlamingo2PreTrainedModel",
+    "AudioLoadError",
+    "load_audio",
 ]

@@ -1,0 +1,186 @@
+"""Audio loading for Audio Flamingo 2, reproducing the original ``read_audio``.
+
+The original AF2 inference code reads a file with soundfile (float64), keeps at most the span the model can see
+(``max_num_window * (window_length - window_overlap) + window_overlap`` seconds) BEFORE any normalisation,
+divides a float file whose samples leave [-1, 1] by its peak, resamples with ``librosa.resample`` (default
+``res_type``: soxr_hq; every channel is resampled, then channel 0 is kept), keeps channel 0 of a multi-channel file
+at the target rate (no down-mix), and finally peak-normalises the mono signal. :func:`load_audio` does exactly that
+and returns the float64 signal the original ``read_audio`` returns.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import BinaryIO, Union
+
+import numpy as np
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+__all__ = ["AudioLoadError", "AudioSource", "load_audio", "peak_normalize"]
+
+
+class AudioLoadError(ValueError):
+    """An audio source could not be read: missing, unreadable, unsupported, corrupt, empty or non-finite."""
+
+
+def peak_normalize(waveform: np.ndarray) -> np.ndarray:
+    """Peak normalisation of the original AF2 ``read_audio``, in the dtype of ``waveform``.
+
+    A signal with a negative sample is divided by its peak magnitude (the peak becomes exactly +-1). A signal without
+    negative samples is mapped with ``2 * x / max - 1`` (so it is shifted, as in the original). The operations and
+    their order are the original's, so a float64 input gives bit-identical float64 results. The function is
+    idempotent: a peak-normalised signal is returned unchanged (its peak is exactly 1, and ``x / 1.0 == x``).
+
+    An all-zero signal is returned as zeros. (The original divides 0 by 0 here and produces NaN, which its later
+    int16 cast happens to turn into 0 on x86-64; returning zeros gives the same all-zero clip without NaN.)
+
+    Args:
+        waveform (`np.ndarray`): 1-D floating-point signal, not empty, finite.
+
+    Returns:
+        `np.ndarray`: a new array of the same dtype and shape.
+    """
+    if waveform.size == 0:
+        raise ValueError("Cannot peak-normalise an empty waveform.")
+    lowest = waveform.min()
+    highest = waveform.max()
+    if lowest >= 0:
+        if highest == 0:
+            logger.warning("The waveform is all zeros (digital silence); it stays all zeros (-100 dB log-mel).")
+            return np.zeros_like(waveform)
+        return 2 * waveform / abs(highest) - 1.0
+    return waveform / max(abs(highest), abs(lowest))
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    name = getattr(source, "name", None)
+    if isinstance(name, (str, bytes, os.PathLike)):
+        return f"file object {name!r}"
+    return f"<{type(source).__name__} object>"
+
+
+def _open_source(source):
+    """Returns something soundfile can open, or raises AudioLoadError / TypeError."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if path.startswith(("http://", "https://")):
+            raise AudioLoadError(
+                f"Cannot load audio from URL {path!r}: af2_hf.load_audio reads local files, bytes and file objects "
+                "only. Download the file first (e.g. huggingface_hub.hf_hub_download) and pass its path or bytes."
+            )
+        if not os.path.exists(path):
+            raise AudioLoadError(f"Audio file {path!r} does not exist.")
+        if os.path.isdir(path):
+            raise AudioLoadError(f"Audio path {path!r} is a directory, not an audio file.")
+        return path
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise AudioLoadError("Cannot load audio from an empty bytes object.")
+        return io.BytesIO(bytes(source))
+    if hasattr(source, "read"):
+        seekable = getattr(source, "seekable", None)
+        data = source.read() if seekable is None or not seekable() else source.read(0)
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(
+                f"The file object {_describe(source)} returned {type(data).__name__} from read(): a binary file "
+                "object (opened with 'rb') is needed."
+            )
+        return source if seekable is not None and seekable() else io.BytesIO(bytes(data))
+    raise TypeError(
+        "Audio source must be a path (str or os.PathLike), bytes, or a binary file object, "
+        f"got {type(source).__name__}."
+    )
+
+
+def load_audio(source: AudioSource, sampling_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+    """Loads audio as the original Audio Flamingo 2 ``read_audio`` does: mono, resampled, peak-normalised, float64.
+
+    Steps (all in float64): read at most ``int(max_seconds * file_rate)`` frames from the start (truncation happens
+    before any normalisation); if a sample lies outside [-1, 1] (float files) divide by the peak magnitude; resample
+    to ``sampling_rate`` with ``librosa.resample`` (default ``res_type``; for multi-channel audio all channels are
+    resampled and channel 0 is kept; at the target rate channel 0 is kept as is); then :func:`peak_normalize`.
+
+    MP3 is decoded by libsndfile here; the original decodes MP3 with pydub/ffmpeg and down-mixes it, so for MP3 this
+    function averages the channels (before resampling) instead of keeping channel 0. MP3 results are therefore close
+    to, but not bit-identical with, the original's. Every other format follows the original bit for bit.
+
+    Digital silence (all-zero audio) is returned as zeros: the original produces NaN there (see
+    :func:`peak_normalize`).
+
+    Args:
+        source (`str`, `os.PathLike`, `bytes` or binary file object): the audio file (any format libsndfile reads:
+            WAV, FLAC, OGG/Vorbis, MP3, ...). URLs are not fetched.
+        sampling_rate (`int`, *optional*, defaults to 16000): the rate of the returned signal.
+        max_seconds (`float`, *optional*): read at most this many seconds from the start; `None` reads everything.
+            The AF2 feature extractor uses ``max_num_windows * (window_length - window_overlap) + window_overlap``.
+
+    Returns:
+        `np.ndarray`: 1-D float64 signal at ``sampling_rate``.
+
+    Raises:
+        AudioLoadError: the source is missing, unreadable, unsupported, corrupt, empty or contains NaN/inf.
+        TypeError: the source is of an unsupported type.
+        ValueError: ``sampling_rate`` or ``max_seconds`` is not a positive number.
+    """
+    import soundfile as sf
+
+    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, np.integer)) or sampling_rate <= 0:
+        raise ValueError(f"sampling_rate must be a positive integer, got {sampling_rate!r}.")
+    if max_seconds is not None:
+        if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float, np.number)):
+            raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds!r}.")
+        if not math.isfinite(float(max_seconds)) or max_seconds <= 0:
+            raise ValueError(f"max_seconds must be a positive, finite number or None, got {max_seconds!r}.")
+
+    name = _describe(source)
+    handle = _open_source(source)
+    try:
+        with sf.SoundFile(handle) as audio_file:
+            file_rate = audio_file.samplerate
+            channels = audio_file.channels
+            file_format = audio_file.format
+            total_frames = audio_file.frames
+            frames = total_frames if max_seconds is None else min(int(max_seconds * file_rate), total_frames)
+            audio_file.seek(0)  # as the original (it seeks to its start offset, 0); matters for MP3 decoding
+            data = audio_file.read(frames, dtype="float64")
+    except (sf.LibsndfileError, RuntimeError, EOFError, OSError) as error:
+        raise AudioLoadError(f"Could not read audio from {name}: {error}") from error
+
+    if data.size == 0:
+        raise AudioLoadError(f"Audio source {name} contains no samples.")
+    if not np.isfinite(data).all():
+        raise AudioLoadError(f"Audio source {name} contains NaN or infinite samples.")
+
+    if data.max() > 1 or data.min() < -1:
+        data = data / max(abs(data.max()), abs(data.min()))
+
+    if data.ndim == 2 and channels > 1 and file_format == "MP3":
+        data = data.mean(axis=1)
+        channels = 1
+
+    if file_rate != sampling_rate:
+        import librosa
+
+        if channels == 1:
+            data = librosa.resample(data.flatten(), orig_sr=file_rate, target_sr=sampling_rate)
+        else:
+            data = librosa.resample(data.T, orig_sr=file_rate, target_sr=sampling_rate)[0]
+    elif channels != 1:
+        data = data.T[0]
+
+    data = np.ascontiguousarray(data.reshape(-1), dtype=np.float64)
+    if data.size == 0:
+        raise AudioLoadError(f"Audio source {name} is too short to resample to {sampling_rate} Hz.")
+    return peak_normalize(data)
