@@ -2,6 +2,7 @@
 
 from .audio import AudioLoadError, load_audio
 from .configuration_audioflamingo2 import AudioFlamingo2Config
+from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor
 from .modeling_audioflamingo2 import (
     AudioFlamingo2ForConditionalGeneration,
     AudioFlamingo2Model,
@@ -13,6 +14,7 @@ __all__ = [
     "AudioFlamingo2ForConditionalGeneration",
     "AudioFlamingo2Model",
     "AudioFlamingo2PreTrainedModel",
+    "AudioFlamingo2FeatureExtractor",
     "AudioLoadError",
     "load_audio",
 ]

@@ -1,0 +1,528 @@
+"""Feature extractor of Audio Flamingo 2: 10-second windows of int16-quantised audio -> log-mel spectrograms.
+
+It reproduces the original pipeline (``inference.load_audio`` + ``CLAP.get_mel``) without torchaudio:
+
+1. peak normalisation (``do_normalize``), after truncating to ``max_num_windows`` windows;
+2. split into windows (``get_num_windows``), zero padding to whole windows;
+3. int16 round trip ``clip(x, -1, 1) * 32767 -> int16 (truncation) -> / 32767 -> float32`` (``do_quantize``);
+4. per window: ``torch.stft`` (periodic Hann, centre, reflect padding) -> ``|.|^2`` -> HTK triangular mel filterbank
+   (computed as torchaudio's ``melscale_fbanks(norm=None, mel_scale="htk")`` does) -> ``10 * log10(max(x, 1e-10))``.
+
+With the default settings the log-mel of the original is reproduced bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.utils import logging
+
+from .audio import load_audio, peak_normalize
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["AudioFlamingo2FeatureExtractor", "htk_mel_filter_bank"]
+
+# Windows per torch.stft call: bounds the complex intermediate (~4 MB per 10 s window) for very large batches.
+_MAX_WINDOWS_PER_STFT = 256
+
+
+def _hz_to_mel_htk(frequency: float) -> float:
+    return 2595.0 * math.log10(1.0 + frequency / 700.0)
+
+
+def htk_mel_filter_bank(
+    num_frequency_bins: int, num_mel_bins: int, min_frequency: float, max_frequency: float, sampling_rate: int
+) -> torch.Tensor:
+    """Triangular HTK mel filterbank without area normalisation, shape ``(num_frequency_bins, num_mel_bins)``.
+
+    Computed in float32 the way torchaudio's ``melscale_fbanks(..., norm=None, mel_scale="htk")`` computes it: the
+    FFT bin frequencies are a float32 ``linspace(0, sampling_rate // 2)``, the mel-spaced corner frequencies a
+    float32 ``linspace`` of HTK mels mapped back to Hz, and each filter the positive part of the smaller of its
+    rising and falling slopes. Matching the float32 arithmetic keeps the original log-mel bit-exact.
+    """
+    bin_frequencies = torch.linspace(0, sampling_rate // 2, num_frequency_bins, dtype=torch.float32)
+    mel_corners = torch.linspace(
+        _hz_to_mel_htk(min_frequency), _hz_to_mel_htk(max_frequency), num_mel_bins + 2, dtype=torch.float32
+    )
+    corner_frequencies = 700.0 * (10.0 ** (mel_corners / 2595.0) - 1.0)
+    corner_gaps = corner_frequencies[1:] - corner_frequencies[:-1]
+    # offsets[i, j] = corner j - frequency of bin i
+    offsets = corner_frequencies.unsqueeze(0) - bin_frequencies.unsqueeze(1)
+    rising = (-1.0 * offsets[:, :-2]) / corner_gaps[:-1]
+    falling = offsets[:, 2:] / corner_gaps[1:]
+    return torch.clamp(torch.minimum(rising, falling), min=0.0)
+
+
+def _is_scalar_number(value) -> bool:
+    return isinstance(value, (float, int, np.number)) and not isinstance(value, bool)
+
+
+class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
+    r"""
+    Turns 16 kHz mono waveforms into the windowed log-mel features of Audio Flamingo 2.
+
+    Each waveform is cut into windows of ``window_length`` seconds (at most ``max_num_windows``; longer audio is
+    truncated with a warning), zero-padded to whole windows, int16-quantised, and turned into a
+    ``(num_frames, num_mel_bins)`` log-mel in dB per window (``num_frames = window_samples // hop_length + 1``, 1001
+    for 10 s). A batch is padded to the largest number of windows in it with the log-mel of a zero clip (-100 dB
+    everywhere) and ``input_features_mask`` 0, exactly as the original collator pads with zero clips. Windows are
+    always padded at the end, whatever the tokenizer's padding side.
+
+    All windows of the whole batch go through one batched ``torch.stft``; ``device`` runs it on another device with
+    the same float32 numerics.
+
+    Args:
+        num_mel_bins (`int`, *optional*, defaults to 64): mel filters (the feature size).
+        sampling_rate (`int`, *optional*, defaults to 16000): the rate every input must have.
+        window_length (`float`, *optional*, defaults to 10.0): window length in seconds.
+        window_overlap (`float`, *optional*, defaults to 0.0): overlap between consecutive windows in seconds.
+        max_num_windows (`int`, *optional*, defaults to 30): windows kept per audio (30 x 10 s = 5 minutes).
+        n_fft (`int`, *optional*, defaults to 1024): FFT size and (periodic Hann) window size of the STFT.
+        hop_length (`int`, *optional*, defaults to 160): STFT hop in samples.
+        f_min (`float`, *optional*, defaults to 50.0), f_max (`float`, *optional*, defaults to 8000.0): mel range in Hz.
+        mel_floor (`float`, *optional*, defaults to 1e-10): power floor before the logarithm (-100 dB).
+        do_normalize (`bool`, *optional*, defaults to `True`): peak-normalise each waveform as the original
+            ``read_audio`` does (idempotent, so audio from [`af2_hf.load_audio`] is unchanged by it).
+        do_quantize (`bool`, *optional*, defaults to `True`): apply the original int16 round trip.
+        padding_value (`float`, *optional*, defaults to 0.0): the WAVEFORM value of padding (a zero clip); padded
+            windows therefore hold the log-mel of silence.
+        return_attention_mask (`bool`, *optional*, defaults to `True`): return ``input_features_mask``.
+
+    Peak normalisation and quantisation run in float64 for float64 input (as the original, whose float64 signal is
+    needed for bit-exact clips) and in float32 otherwise; the STFT and the mel run in float32.
+    """
+
+    model_input_names = ["input_features", "input_features_mask"]
+
+    def __init__(
+        self,
+        num_mel_bins: int = 64,
+        sampling_rate: int = 16000,
+        window_length: float = 10.0,
+        window_overlap: float = 0.0,
+        max_num_windows: int = 30,
+        n_fft: int = 1024,
+        hop_length: int = 160,
+        f_min: float = 50.0,
+        f_max: float = 8000.0,
+        mel_floor: float = 1e-10,
+        do_normalize: bool = True,
+        do_quantize: bool = True,
+        padding_value: float = 0.0,
+        return_attention_mask: bool = True,
+        **kwargs,
+    ):
+        feature_size = kwargs.pop("feature_size", num_mel_bins)
+        if feature_size != num_mel_bins:
+            raise ValueError(f"feature_size ({feature_size}) must equal num_mel_bins ({num_mel_bins}).")
+        super().__init__(
+            feature_size=num_mel_bins,
+            sampling_rate=sampling_rate,
+            padding_value=padding_value,
+            return_attention_mask=return_attention_mask,
+            **kwargs,
+        )
+        self.num_mel_bins = num_mel_bins
+        self.window_length = window_length
+        self.window_overlap = window_overlap
+        self.max_num_windows = max_num_windows
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.f_min = f_min
+        self.f_max = f_max
+        self.mel_floor = mel_floor
+        self.do_normalize = do_normalize
+        self.do_quantize = do_quantize
+        self._validate_config()
+        self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ configuration
+
+    def _validate_config(self):
+        for name in ("num_mel_bins", "sampling_rate", "n_fft", "hop_length", "max_num_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("window_length", "window_overlap", "f_min", "f_max", "mel_floor"):
+            value = getattr(self, name)
+            if not _is_scalar_number(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.window_samples <= 0:
+            raise ValueError(f"window_length ({self.window_length} s) is shorter than one sample.")
+        if not 0 <= self.overlap_samples < self.window_samples:
+            raise ValueError(
+                f"window_overlap ({self.window_overlap} s) must be >= 0 and shorter than window_length "
+                f"({self.window_length} s)."
+            )
+        if self.window_samples <= self.n_fft // 2:
+            raise ValueError(
+                f"A window of {self.window_samples} samples is too short for the reflect padding of n_fft={self.n_fft}."
+            )
+        if not 0 <= self.f_min < self.f_max <= self.sampling_rate / 2:
+            raise ValueError(
+                f"Need 0 <= f_min < f_max <= sampling_rate / 2, got f_min={self.f_min}, f_max={self.f_max}, "
+                f"sampling_rate={self.sampling_rate}."
+            )
+        if self.mel_floor <= 0:
+            raise ValueError(f"mel_floor must be positive, got {self.mel_floor}.")
+
+    @property
+    def window_samples(self) -> int:
+        """Samples per window (``int(window_length * sampling_rate)``, as the original)."""
+        return int(float(self.window_length) * self.sampling_rate)
+
+    @property
+    def overlap_samples(self) -> int:
+        return int(float(self.window_overlap) * self.sampling_rate)
+
+    @property
+    def window_stride(self) -> int:
+        """Samples between the starts of consecutive windows."""
+        return self.window_samples - self.overlap_samples
+
+    @property
+    def num_frames(self) -> int:
+        """STFT frames per window (centred STFT)."""
+        return self.window_samples // self.hop_length + 1
+
+    def max_samples(self, max_num_windows: int | None = None) -> int:
+        """Longest waveform (in samples) that ``max_num_windows`` windows cover; longer input is truncated."""
+        n = self.max_num_windows if max_num_windows is None else max_num_windows
+        return n * self.window_samples - (n - 1) * self.overlap_samples
+
+    def max_audio_seconds(self, max_num_windows: int | None = None) -> float:
+        """Seconds read from an audio file: ``max_num_windows * (window_length - window_overlap) + window_overlap``."""
+        n = self.max_num_windows if max_num_windows is None else max_num_windows
+        return n * (self.window_length - self.window_overlap) + self.window_overlap
+
+    def get_num_windows(self, num_samples: int, max_num_windows: int | None = None) -> int:
+        """Windows for a waveform of ``num_samples`` samples (the original ``get_num_windows``)."""
+        n_max = self.max_num_windows if max_num_windows is None else max_num_windows
+        if num_samples <= self.window_samples:
+            return 1
+        if num_samples >= self.max_samples(n_max):
+            return n_max
+        return 1 + math.ceil((num_samples - self.window_samples) / self.window_stride)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        for key in [key for key in output if key.startswith("_")]:
+            del output[key]
+        return output
+
+    # ------------------------------------------------------------------ inputs
+
+    def fetch_audio(self, audio_url_or_urls, sampling_rate: int | None = None):
+        """Loads paths, bytes and file objects with [`af2_hf.load_audio`] (the original ``read_audio``: at most
+        ``max_audio_seconds()`` seconds, resampled to ``sampling_rate``, peak-normalised); arrays pass through.
+        A list is processed element-wise, unless it is a plain list of numbers (one waveform)."""
+        sampling_rate = self.sampling_rate if sampling_rate is None else sampling_rate
+        return self._fetch(audio_url_or_urls, sampling_rate, self.max_audio_seconds())
+
+    def _fetch(self, audio, sampling_rate: int, max_seconds: float):
+        if isinstance(audio, (list, tuple)) and not (len(audio) > 0 and all(_is_scalar_number(v) for v in audio)):
+            return [self._fetch(item, sampling_rate, max_seconds) for item in audio]
+        if isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(audio, "read"):
+            return load_audio(audio, sampling_rate=sampling_rate, max_seconds=max_seconds)
+        return audio
+
+    @staticmethod
+    def _to_numpy(waveform, index: int) -> np.ndarray:
+        if isinstance(waveform, torch.Tensor):
+            waveform = waveform.detach()
+            if waveform.dtype in (torch.float16, torch.bfloat16):
+                waveform = waveform.float()
+            waveform = waveform.cpu().numpy()
+        elif isinstance(waveform, (list, tuple)):
+            if not all(_is_scalar_number(v) for v in waveform):
+                raise TypeError(
+                    f"Audio {index}: a waveform given as a list must contain numbers only; got a nested list or "
+                    "other values. Pass a list of 1-D arrays for a batch."
+                )
+            waveform = np.asarray(waveform, dtype=np.float64)
+        elif isinstance(waveform, (str, os.PathLike, bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"Audio {index} is a path or bytes: load it first with af2_hf.load_audio(...) (or pass it to "
+                "AudioFlamingo2Processor, which loads it)."
+            )
+        elif not isinstance(waveform, np.ndarray):
+            raise TypeError(
+                f"Audio {index}: expected a numpy array, torch tensor or list of floats, got {type(waveform).__name__}."
+            )
+        if waveform.ndim != 1:
+            raise ValueError(
+                f"Audio {index} has shape {tuple(waveform.shape)}: expected a 1-D mono waveform. Use "
+                "af2_hf.load_audio for multi-channel files (it keeps channel 0, as the original)."
+            )
+        if waveform.dtype == np.float16:
+            waveform = waveform.astype(np.float32)
+        if not np.issubdtype(waveform.dtype, np.floating):
+            raise TypeError(
+                f"Audio {index} has dtype {waveform.dtype}: expected floating-point samples in [-1, 1] (convert "
+                "integer PCM with x / 32768, or load files with af2_hf.load_audio)."
+            )
+        if waveform.size == 0:
+            raise ValueError(f"Audio {index} is empty.")
+        if not np.isfinite(waveform).all():
+            raise ValueError(f"Audio {index} contains NaN or infinite samples.")
+        return waveform
+
+    def _as_waveform_list(self, raw_audio) -> list[np.ndarray]:
+        if isinstance(raw_audio, (np.ndarray, torch.Tensor)):
+            if raw_audio.ndim == 2:
+                items = list(raw_audio)
+            elif raw_audio.ndim == 1:
+                items = [raw_audio]
+            else:
+                raise ValueError(
+                    f"Expected a 1-D waveform or a 2-D batch (batch, samples), got shape {tuple(raw_audio.shape)}."
+                )
+        elif isinstance(raw_audio, (list, tuple)):
+            if len(raw_audio) == 0:
+                raise ValueError("Received an empty list of audio.")
+            items = [raw_audio] if all(_is_scalar_number(v) for v in raw_audio) else list(raw_audio)
+        else:
+            items = [raw_audio]
+        return [self._to_numpy(item, index) for index, item in enumerate(items)]
+
+    def _check_sampling_rate(self, sampling_rate: int | None):
+        if sampling_rate is None:
+            logger.warning_once(
+                f"No sampling_rate passed to {self.__class__.__name__}; assuming {self.sampling_rate} Hz. Pass "
+                "sampling_rate to catch silently wrong inputs."
+            )
+        elif sampling_rate != self.sampling_rate:
+            raise ValueError(
+                f"{self.__class__.__name__} expects audio sampled at {self.sampling_rate} Hz, got sampling_rate="
+                f"{sampling_rate}. Resample first, e.g. librosa.resample(x, orig_sr={sampling_rate}, "
+                f"target_sr={self.sampling_rate}), or load the file with af2_hf.load_audio(path, "
+                f"sampling_rate={self.sampling_rate})."
+            )
+
+    def _resolve_max_windows(self, max_num_windows: int | None) -> int:
+        if max_num_windows is None:
+            return self.max_num_windows
+        valid = isinstance(max_num_windows, (int, np.integer)) and not isinstance(max_num_windows, bool)
+        if not valid or max_num_windows <= 0:
+            raise ValueError(f"max_num_windows must be a positive integer, got {max_num_windows!r}.")
+        return int(max_num_windows)
+
+    # ------------------------------------------------------------------ windows
+
+    def clips_from_waveform(
+        self,
+        waveform: np.ndarray,
+        do_normalize: bool | None = None,
+        do_quantize: bool | None = None,
+        max_num_windows: int | None = None,
+        index: int = 0,
+    ) -> np.ndarray:
+        """The window clips of one waveform, ``(num_windows, window_samples)`` float32: truncation to
+        ``max_num_windows`` windows (with a warning), peak normalisation, zero padding to whole windows and the int16
+        round trip, as the original ``inference.load_audio``."""
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        do_quantize = self.do_quantize if do_quantize is None else do_quantize
+        max_windows = self._resolve_max_windows(max_num_windows)
+        waveform = self._to_numpy(waveform, index)
+        if waveform.dtype != np.float64:
+            waveform = waveform.astype(np.float32, copy=False)
+
+        limit = self.max_samples(max_windows)
+        if waveform.shape[0] > limit:
+            logger.warning(
+                f"Audio {index} has {waveform.shape[0]} samples ({waveform.shape[0] / self.sampling_rate:.2f} s); "
+                f"only the first {limit} ({max_windows} windows, {limit / self.sampling_rate:.2f} s) are used and "
+                f"{waveform.shape[0] - limit} samples are dropped."
+            )
+            waveform = waveform[:limit]
+
+        if do_normalize:
+            waveform = peak_normalize(waveform)
+
+        num_windows = self.get_num_windows(waveform.shape[0], max_windows)
+        full_length = num_windows * self.window_samples - (num_windows - 1) * self.overlap_samples
+        padded = np.zeros(full_length, dtype=waveform.dtype)
+        padded[: waveform.shape[0]] = waveform
+
+        if do_quantize:
+            np.clip(padded, -1.0, 1.0, out=padded)
+            padded *= 32767.0
+            # astype truncates toward zero, as the original; dividing the int16 values in float64 and rounding to
+            # float32 is what the original int16_to_float32 does.
+            signal = (padded.astype(np.int16) / 32767.0).astype(np.float32)
+        else:
+            signal = padded.astype(np.float32, copy=False)
+
+        if self.overlap_samples == 0:
+            return signal.reshape(num_windows, self.window_samples)
+        starts = np.arange(num_windows) * self.window_stride
+        return np.stack([signal[start : start + self.window_samples] for start in starts])
+
+    def window_clips(
+        self,
+        raw_audio,
+        sampling_rate: int | None = None,
+        do_normalize: bool | None = None,
+        do_quantize: bool | None = None,
+        max_num_windows: int | None = None,
+        padding: bool | str = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The quantised window clips of a batch, as the original feeds them to CLAP (for testing and debugging).
+
+        Returns:
+            `tuple[np.ndarray, np.ndarray]`: clips ``(batch, windows, window_samples)`` float32, zero clips in
+            padded windows, and the window mask ``(batch, windows)`` int64.
+        """
+        self._check_sampling_rate(sampling_rate)
+        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows)
+        total = self._padded_windows(per_audio, padding, max_num_windows)
+        clips = np.zeros((len(per_audio), total, self.window_samples), dtype=np.float32)
+        mask = np.zeros((len(per_audio), total), dtype=np.int64)
+        for row, audio_clips in enumerate(per_audio):
+            clips[row, : len(audio_clips)] = audio_clips
+            mask[row, : len(audio_clips)] = 1
+        return clips, mask
+
+    def _clips_per_audio(self, raw_audio, do_normalize, do_quantize, max_num_windows) -> list[np.ndarray]:
+        waveforms = self._as_waveform_list(raw_audio)
+        return [
+            self.clips_from_waveform(waveform, do_normalize, do_quantize, max_num_windows, index=index)
+            for index, waveform in enumerate(waveforms)
+        ]
+
+    def _padded_windows(self, per_audio: list[np.ndarray], padding, max_num_windows) -> int:
+        longest = max(len(clips) for clips in per_audio)
+        if padding is True or padding == "longest":
+            return longest
+        if padding == "max_length":
+            return self._resolve_max_windows(max_num_windows)
+        if padding is False or padding == "do_not_pad":
+            if any(len(clips) != longest for clips in per_audio):
+                raise ValueError(
+                    "padding=False needs the same number of windows for every audio; use padding=True to pad "
+                    "with zero clips (mask 0)."
+                )
+            return longest
+        raise ValueError(f"padding must be True/'longest', 'max_length' or False/'do_not_pad', got {padding!r}.")
+
+    # ------------------------------------------------------------------ log-mel
+
+    def _window_and_filters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._device_cache:
+            window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float32)
+            filters = htk_mel_filter_bank(
+                self.n_fft // 2 + 1, self.num_mel_bins, float(self.f_min), float(self.f_max), self.sampling_rate
+            )
+            self._device_cache[key] = (window.to(device), filters.to(device))
+        return self._device_cache[key]
+
+    def _power_to_db(self, power: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(power, min=self.mel_floor).log10_().mul_(10.0)
+
+    def silence_db(self) -> float:
+        """The log-mel value of a zero clip (``10 * log10(mel_floor)`` in float32, -100 dB by default)."""
+        return self._power_to_db(torch.zeros(1, dtype=torch.float32)).item()
+
+    def log_mel(self, clips: torch.Tensor) -> torch.Tensor:
+        """Log-mel (dB) of window clips ``(n, window_samples)`` float32 -> ``(n, num_frames, num_mel_bins)``.
+
+        One batched ``torch.stft`` (periodic Hann, centre, reflect padding) -> ``|.|^2`` -> mel filterbank ->
+        ``10 * log10(max(x, mel_floor))``, the operations of the original torchaudio transforms in the same order.
+        """
+        if clips.ndim != 2 or clips.shape[-1] != self.window_samples:
+            raise ValueError(
+                f"Expected clips of shape (n, {self.window_samples}), got {tuple(clips.shape)}."
+            )
+        clips = clips.to(torch.float32)
+        window, filters = self._window_and_filters(clips.device)
+        outputs = []
+        for start in range(0, clips.shape[0], _MAX_WINDOWS_PER_STFT):
+            spectrum = torch.stft(
+                clips[start : start + _MAX_WINDOWS_PER_STFT],
+                n_fft=self.n_fft,
+                hop_length=self.hop_length,
+                win_length=self.n_fft,
+                window=window,
+                center=True,
+                pad_mode="reflect",
+                normalized=False,
+                onesided=True,
+                return_complex=True,
+            )
+            power = spectrum.abs().pow_(2.0)
+            del spectrum
+            mel = torch.matmul(power.transpose(-1, -2), filters)
+            outputs.append(self._power_to_db(mel))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(
+        self,
+        raw_audio,
+        sampling_rate: int | None = None,
+        return_tensors: str | None = None,
+        device: str | torch.device | None = None,
+        do_normalize: bool | None = None,
+        do_quantize: bool | None = None,
+        max_num_windows: int | None = None,
+        padding: bool | str = True,
+        return_attention_mask: bool | None = None,
+    ) -> BatchFeature:
+        """Featurises one waveform or a batch.
+
+        Args:
+            raw_audio (`np.ndarray`, `torch.Tensor`, `list[float]`, or a list of those): mono waveform(s) at
+                ``sampling_rate``. A 2-D array is a batch of equally long waveforms.
+            sampling_rate (`int`, *optional*): the rate of ``raw_audio``; must equal the extractor's.
+            return_tensors (`str`, *optional*): ``"pt"`` for torch tensors, ``"np"`` (or `None`) for numpy arrays.
+            device (`str` or `torch.device`, *optional*): where to compute (and, with ``"pt"``, return) features.
+            do_normalize, do_quantize, max_num_windows: override the extractor's settings for this call.
+            padding (`bool` or `str`, *optional*, defaults to `True`): pad to the most windows in the batch
+                (`True`/``"longest"``) or to ``max_num_windows`` (``"max_length"``).
+            return_attention_mask (`bool`, *optional*): return ``input_features_mask`` (default: the extractor's).
+
+        Returns:
+            [`BatchFeature`]: ``input_features`` float32 ``(batch, windows, num_frames, num_mel_bins)`` log-mel in dB
+            and ``input_features_mask`` int64 ``(batch, windows)``, 1 for real windows.
+        """
+        self._check_sampling_rate(sampling_rate)
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+        return_attention_mask = self.return_attention_mask if return_attention_mask is None else return_attention_mask
+        device = torch.device("cpu") if device is None else torch.device(device)
+
+        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows)
+        total = self._padded_windows(per_audio, padding, max_num_windows)
+        counts = [len(clips) for clips in per_audio]
+
+        clips = torch.from_numpy(np.concatenate(per_audio)).to(device)
+        mel = self.log_mel(clips)
+
+        features = torch.full(
+            (len(per_audio), total, self.num_frames, self.num_mel_bins),
+            self.silence_db(),
+            dtype=torch.float32,
+            device=device,
+        )
+        mask = torch.zeros((len(per_audio), total), dtype=torch.long, device=device)
+        offset = 0
+        for row, count in enumerate(counts):
+            features[row, :count] = mel[offset : offset + count]
+            mask[row, :count] = 1
+            offset += count
+
+        data = {"input_features": features}
+        if return_attention_mask:
+            data["input_features_mask"] = mask
+        if return_tensors != "pt":
+            data = {key: value.cpu().numpy() for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=return_tensors)
