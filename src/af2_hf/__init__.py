@@ -8,6 +8,8 @@ from .modeling_audioflamingo2 import (
     AudioFlamingo2Model,
     AudioFlamingo2PreTrainedModel,
 )
+from .processing_audioflamingo2 import AudioFlamingo2Processor
+from .tokenization_audioflamingo2 import prepare_af2_tokenizer
 
 __all__ = [
     "AudioFlamingo2Config",
@@ -15,6 +17,8 @@ __all__ = [
     "AudioFlamingo2Model",
     "AudioFlamingo2PreTrainedModel",
     "AudioFlamingo2FeatureExtractor",
+    "AudioFlamingo2Processor",
     "AudioLoadError",
     "load_audio",
+    "prepare_af2_tokenizer",
 ]
