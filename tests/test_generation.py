@@ -143,10 +143,18 @@ def test_text_iterator_streamer(model, golden):
 
 
 def test_compiled_static_decode_step(golden):
-    model = load_converted_model("sdpa")
+    import torch._dynamo
+
+    from af2_hf import AudioFlamingo2ForConditionalGeneration
+    from af2_testing import converted_tiny_dir
+
+    torch._dynamo.reset()
+    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(converted_tiny_dir()).eval()
     inputs = single_inputs(golden, "a")
     config = CompileConfig(fullgraph=True, dynamic=False)
     config._compile_all_devices = True  # generate() only auto-compiles on accelerators unless asked
     out = model.generate(**inputs, do_sample=False, max_new_tokens=12, cache_implementation="static",
                          compile_config=config)
     assert torch.equal(out, golden["a.greedy_ids"])
+    assert hasattr(model, "_compiled_call")  # the decode steps went through torch.compile
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
