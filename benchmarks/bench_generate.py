@@ -63,23 +63,26 @@ def timed(fn, device, repeats=1):
 
 
 @torch.inference_mode()
-def decode_ms_per_token(model, input_ids, feats, mask, steps, naive):
-    """Prefill, then `steps` greedy single-token steps; returns (prefill s, ms/token)."""
+def interleaved_decode(model, input_ids, contexts, steps, naive):
+    """Prefill every context, then time `steps` greedy single-token steps, alternating between the contexts at
+    every step so that machine load drifts affect all of them alike. Returns [(prefill s, ms/token)]."""
     device = input_ids.device
-    out, prefill = timed(lambda: model(input_ids=input_ids, input_features=feats, input_features_mask=mask), device)
-    cache, audio = out.past_key_values, out.audio_hidden_states
-    token = out.logits[:, -1:].argmax(-1)
+    states = []
+    for feats, mask in contexts:
+        out, prefill = timed(lambda: model(input_ids=input_ids, input_features=feats, input_features_mask=mask), device)
+        states.append(dict(cache=out.past_key_values, audio=out.audio_hidden_states, mask=mask, prefill=prefill,
+                           token=out.logits[:, -1:].argmax(-1), times=[]))
     attention = torch.ones(input_ids.shape[0], input_ids.shape[1] + steps + 1, dtype=torch.long, device=device)
-    step_times = []
     for i in range(steps):
-        kwargs = dict(input_ids=token, past_key_values=cache, input_features_mask=mask,
-                      attention_mask=attention[:, : input_ids.shape[1] + i + 1])
-        if naive:  # re-project every audio token in every cross-attention layer at every step
-            kwargs["audio_hidden_states"] = audio
-        out, t = timed(lambda: model(**kwargs), device)
-        step_times.append(t)
-        token = out.logits[:, -1:].argmax(-1)
-    return prefill, 1000 * statistics.median(step_times)
+        for state in states:
+            kwargs = dict(input_ids=state["token"], past_key_values=state["cache"], input_features_mask=state["mask"],
+                          attention_mask=attention[:, : input_ids.shape[1] + i + 1])
+            if naive:  # re-project every audio token in every cross-attention layer at every step
+                kwargs["audio_hidden_states"] = state["audio"]
+            out, t = timed(lambda: model(**kwargs), device)
+            state["times"].append(t)
+            state["token"] = out.logits[:, -1:].argmax(-1)
+    return [(s["prefill"], 1000 * statistics.median(s["times"])) for s in states]
 
 
 def main():
@@ -105,7 +108,7 @@ def main():
     print(f"config={args.config} params={params / 1e6:.1f}M device={device} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} steps={args.steps}")
 
-    rows = []
+    rows, contexts = [], []
     input_ids = torch.randint(0, 1000, (1, args.prompt_tokens), device=device)
     for seconds in [int(s) for s in args.seconds.split(",")]:
         windows = max(1, -(-seconds // 10))
@@ -114,13 +117,15 @@ def main():
         with torch.inference_mode():
             model.get_audio_features(feats, mask)  # warm-up
             _, encode = timed(lambda: model.get_audio_features(feats, mask), device)
-        decode_ms_per_token(model, input_ids, feats, mask, 2, naive=False)  # warm-up
-        prefill, cached = decode_ms_per_token(model, input_ids, feats, mask, args.steps, naive=False)
-        naive = None
-        if not args.no_naive:
-            _, naive = decode_ms_per_token(model, input_ids, feats, mask, args.steps, naive=True)
+        contexts.append((feats, mask))
         rows.append(dict(seconds=seconds, windows=windows, audio_tokens=windows * config.tokens_per_window,
-                         encode_s=encode, prefill_s=prefill, decode_ms=cached, naive_decode_ms=naive))
+                         encode_s=encode))
+    interleaved_decode(model, input_ids, contexts, 2, naive=False)  # warm-up
+    for row, (prefill, ms) in zip(rows, interleaved_decode(model, input_ids, contexts, args.steps, naive=False)):
+        row.update(prefill_s=prefill, decode_ms=ms, naive_decode_ms=None)
+    if not args.no_naive:
+        for row, (_, ms) in zip(rows, interleaved_decode(model, input_ids, contexts, args.steps, naive=True)):
+            row["naive_decode_ms"] = ms
 
     print()
     print(f"| audio | windows | audio tokens | encode (s) | prefill (s) | decode ms/token | tokens/s | naive ms/token | speed-up |")
