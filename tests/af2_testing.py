@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def golden_dir() -> Path:
     path = Path(os.environ.get("AF2_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden" / "tiny"))
-    if not (path / "expected.safetensors").is_file():
+    if not (path / "expected.safetensors").is_file() or not (path / "expected.json").is_file():
         raise FileNotFoundError(
             f"Golden data not found at {path}: the tests need ../shared/golden/tiny beside the checkout "
             "(or AF2_GOLDEN_DIR)."

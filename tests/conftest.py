@@ -5,36 +5,26 @@ golden folder fails the tests that need it; it never skips them.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-GOLDEN_ENV_VAR = "AF2_GOLDEN_DIR"
-DEFAULT_GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden" / "tiny"
-
-
-def resolve_golden_dir() -> Path:
-    return Path(os.environ.get(GOLDEN_ENV_VAR, DEFAULT_GOLDEN_DIR))
+import af2_testing
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     """The golden folder (expected.safetensors, expected.json, audio/, base_lm/, original/)."""
-    path = resolve_golden_dir()
-    if not (path / "expected.safetensors").is_file() or not (path / "expected.json").is_file():
-        pytest.fail(
-            f"Golden data not found at {path}: the tests need ../shared/golden/tiny beside the checkout "
-            f"(or {GOLDEN_ENV_VAR} pointing to a folder with expected.safetensors and expected.json)."
-        )
-    return path
+    try:
+        return af2_testing.golden_dir()
+    except FileNotFoundError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="session")
 def golden(golden_dir) -> dict:
     """Golden tensors (torch) of the original implementation, by name (e.g. ``a.mel``, ``batch.input_ids``)."""
-    return load_file(str(golden_dir / "expected.safetensors"))
+    return af2_testing.golden_tensors()
 
 
 @pytest.fixture(scope="session")

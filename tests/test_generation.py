@@ -158,3 +158,18 @@ def test_compiled_static_decode_step(golden):
     assert torch.equal(out, golden["a.greedy_ids"])
     assert hasattr(model, "_compiled_call")  # the decode steps went through torch.compile
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+@pytest.mark.parametrize("case", ["a", "b", "c"])
+def test_end_to_end_from_audio_file(golden, golden_json, golden_audio_files, case):
+    """File -> saved processor -> model.generate -> answer: the original's ids and decoded answer."""
+    from af2_hf import AudioFlamingo2Processor
+    from af2_testing import converted_tiny_dir
+
+    processor = AudioFlamingo2Processor.from_pretrained(converted_tiny_dir())
+    model = load_converted_model("sdpa")
+    inputs = processor(text=golden_json["prompts"][case], audio=str(golden_audio_files[case]), return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], golden[f"{case}.input_ids"])
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=12)
+    assert torch.equal(out, golden[f"{case}.greedy_ids"])
+    assert processor.decode_answer(out[0]) == golden_json["decoded"][f"{case}.greedy"]
