@@ -1,0 +1,167 @@
+"""AudioFlamingo2 benchmark suite: one entry point, a table and a JSON file.
+
+Measures, on random weights of a chosen size (no download):
+  * feature extraction for 10 s and 300 s of audio (on --device),
+  * audio encoding (AF-CLAP + audio transformer) for 10 s and 300 s,
+  * time to first token (features + prefill + first token) for 10 s and 300 s,
+  * decode ms/token and tokens/s at batch 1 and batch 16 (dynamic cache; static cache + torch.compile with --compile),
+  * the naive path (audio K/V re-projected at every step, as the original does) vs the cached one, and the ratio
+    decode(300 s) / decode(10 s) at batch 1 (target <= 1.15),
+  * peak memory vs weight bytes (CUDA: max_memory_allocated; CPU: peak RSS of the process),
+  * on CUDA, the decode floor = weight bytes / measured device copy bandwidth, and achieved / floor.
+
+    python benchmarks/run.py --config tiny
+    python benchmarks/run.py --config 0.5b --json out.json
+    python benchmarks/run.py --config 3b --device cuda --dtype bfloat16 --compile
+"""
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+import torch
+from transformers import CompileConfig
+
+from af2_hf import AudioFlamingo2FeatureExtractor, AudioFlamingo2ForConditionalGeneration
+from bench_generate import interleaved_decode, shapes, timed
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def peak_memory_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def copy_bandwidth(device, megabytes=1024, repeats=10) -> float:
+    """Device copy bandwidth in bytes/s (read + write of a large buffer)."""
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _, seconds = timed(lambda: dst.copy_(src), device, repeats=repeats)
+    return 2 * src.numel() / seconds
+
+
+@torch.inference_mode()
+def generate_ms_per_token(model, inputs, tokens, compile_config=None, repeats=3):
+    """ms/token of the decode phase: (t(N new tokens) - t(1 new token)) / (N - 1), greedy, fixed length."""
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if compile_config is not None:
+        kwargs.update(cache_implementation="static", compile_config=compile_config)
+    device = inputs["input_ids"].device
+    for _ in range(2):  # warm-up (and compilation)
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+    _, one = timed(lambda: model.generate(**inputs, max_new_tokens=1, **kwargs), device, repeats)
+    _, many = timed(lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs),
+                    device, repeats)
+    return 1000 * (many - one) / (tokens - 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", choices=["tiny", "0.5b", "1.5b", "3b"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="also time static cache + torch.compile decoding")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--json", default="benchmark_results.json")
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    config = shapes(args.config)
+    model = AudioFlamingo2ForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    for block in model.model.cross_attention_layers:  # open the gates so the audio path does real work
+        block.attn_gate.data.fill_(0.5)
+        block.ff_gate.data.fill_(0.5)
+    extractor = AudioFlamingo2FeatureExtractor(max_num_windows=30)
+    weights = weight_bytes(model)
+    results = dict(config=args.config, device=str(device), dtype=args.dtype, weight_bytes=weights,
+                   torch=torch.__version__, threads=torch.get_num_threads(), rows=[])
+    rows = results["rows"]
+
+    def add(name, value, unit, note=""):
+        rows.append(dict(name=name, value=value, unit=unit, note=note))
+
+    print(f"config={args.config} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"weights={weights / 2**30:.2f} GiB device={device} dtype={args.dtype}")
+    rng = np.random.default_rng(0)
+    prompt = torch.randint(0, 1000, (1, args.prompt_tokens), device=device)
+    contexts = {}
+    for seconds in (10, 300):
+        waveform = rng.uniform(-0.8, 0.8, seconds * extractor.sampling_rate)
+        features, t_feat = timed(lambda: extractor(waveform, sampling_rate=16000, return_tensors="pt",
+                                                   device=str(device)), device, repeats=3)
+        feats = features["input_features"].to(device=device, dtype=dtype)
+        mask = features["input_features_mask"].to(device)
+        contexts[seconds] = (feats, mask)
+        add(f"features {seconds}s", t_feat * 1000, "ms")
+        with torch.inference_mode():
+            model.get_audio_features(feats, mask)
+            _, t_enc = timed(lambda: model.get_audio_features(feats, mask), device, repeats=3)
+        add(f"audio encoding {seconds}s", t_enc * 1000, "ms")
+
+        def first_token():
+            f = extractor(waveform, sampling_rate=16000, return_tensors="pt", device=str(device))
+            with torch.inference_mode():
+                out = model(input_ids=prompt, input_features=f["input_features"].to(device=device, dtype=dtype),
+                            input_features_mask=f["input_features_mask"].to(device), logits_to_keep=1)
+            return out.logits.argmax(-1)
+
+        first_token()
+        _, ttft = timed(first_token, device, repeats=3)
+        add(f"time to first token {seconds}s", ttft * 1000, "ms", "features + prefill + first token")
+
+    (p10, d10), (p300, d300) = interleaved_decode(model, prompt, [contexts[10], contexts[300]], args.steps, False)
+    (_, n10), (_, n300) = interleaved_decode(model, prompt, [contexts[10], contexts[300]], args.steps, True)
+    add("decode b1 10s (cached audio K/V)", d10, "ms/token")
+    add("decode b1 300s (cached audio K/V)", d300, "ms/token")
+    add("decode b1 300s naive (K/V recomputed)", n300, "ms/token")
+    add("ratio decode(300s)/decode(10s)", d300 / d10, "x", "target <= 1.15")
+    add("speed-up cached vs naive at 300s", n300 / d300, "x")
+
+    compile_config = None
+    if args.compile:
+        compile_config = CompileConfig(fullgraph=True, dynamic=False)
+        compile_config._compile_all_devices = True
+    for batch in args.batch:
+        feats, mask = contexts[10]
+        inputs = dict(input_ids=prompt.expand(batch, -1).contiguous(), attention_mask=torch.ones_like(
+            prompt.expand(batch, -1)), input_features=feats.expand(batch, -1, -1, -1).contiguous(),
+            input_features_mask=mask.expand(batch, -1).contiguous())
+        ms = generate_ms_per_token(model, inputs, args.steps)
+        add(f"generate b{batch} 10s dynamic cache", ms, "ms/token", f"{batch * 1000 / ms:.1f} tokens/s")
+        if compile_config is not None:
+            ms_c = generate_ms_per_token(model, inputs, args.steps, compile_config)
+            add(f"generate b{batch} 10s static+compile", ms_c, "ms/token", f"{batch * 1000 / ms_c:.1f} tokens/s")
+            if device.type == "cuda" and batch == 1:
+                bandwidth = copy_bandwidth(device)
+                floor_ms = 1000 * weights / bandwidth
+                add("decode floor (weights / copy bandwidth)", floor_ms, "ms/token",
+                    f"bandwidth {bandwidth / 1e9:.0f} GB/s")
+                add("achieved / floor (b1 static+compile)", floor_ms / ms_c, "x", "target >= 0.70")
+
+    peak = peak_memory_bytes(device)
+    add("peak memory", peak / 2**30, "GiB", "process RSS" if device.type == "cpu" else "max_memory_allocated")
+    add("peak memory / weights", peak / weights, "x", "target <= 1.15 (GPU, batch 1)")
+
+    width = max(len(r["name"]) for r in rows)
+    print()
+    print(f"| {'measure':<{width}} | value | unit | note |")
+    print(f"|{'-' * (width + 2)}|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']:<{width}} | {r['value']:.3f} | {r['unit']} | {r['note']} |")
+    with open(args.json, "w") as handle:
+        json.dump(results, handle, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
