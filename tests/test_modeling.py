@@ -184,3 +184,16 @@ def test_text_only_forward_is_the_language_model():
         ours = model(input_ids=ids).logits
         lm = model.model.language_model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(ours, model.lm_head(lm))
+
+
+def test_output_hidden_states_and_attentions():
+    model = random_model()
+    model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
+    with torch.no_grad():
+        out = model(**inputs(), output_hidden_states=True, output_attentions=True)
+        plain = model(**inputs())
+    layers = model.config.text_config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1
+    assert len(out.attentions) == layers
+    torch.testing.assert_close(out.logits, plain.logits)
+    assert plain.hidden_states is None

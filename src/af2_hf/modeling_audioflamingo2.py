@@ -16,7 +16,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.auto import AutoModel
 from transformers.models.clap.modeling_clap import ClapAudioModel, ClapAudioSelfAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 
@@ -279,6 +281,7 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": Qwen2DecoderLayer, "attentions": Qwen2Attention}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -362,7 +365,7 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         token_mask = input_features_mask.to(tokens.device).repeat_interleave(tokens_per_window, dim=1)
         return self.audio_transformer(tokens, token_mask)
 
-    def _audio_token_mask(self, input_features_mask, batch, dtype, device, num_audio_tokens):
+    def _audio_token_mask(self, input_features_mask, dtype, device, num_audio_tokens):
         if input_features_mask is None:
             return None
         mask = input_features_mask.to(device).repeat_interleave(self.config.tokens_per_window, dim=1)
@@ -372,7 +375,7 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
             )
         return padding_mask_to_additive(mask, dtype)
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -442,7 +445,7 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         audio_attention_mask = None
         if num_audio_tokens is not None:
             audio_attention_mask = self._audio_token_mask(
-                input_features_mask, batch, inputs_embeds.dtype, inputs_embeds.device, num_audio_tokens
+                input_features_mask, inputs_embeds.dtype, inputs_embeds.device, num_audio_tokens
             )
 
         if position_ids is None:
