@@ -400,6 +400,11 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         """
         text_config = self.config.text_config
         use_cache = use_cache if use_cache is not None else text_config.use_cache
+        if use_cache and self.training and any(block.gradient_checkpointing for block in self.cross_attention_layers):
+            # The checkpointed cross-attention blocks would write their audio keys/values into the cache a second
+            # time when the backward pass recomputes them (transformers only drops `past_key_values` there).
+            logger.warning_once("use_cache=True is incompatible with activation checkpointing; using use_cache=False.")
+            use_cache = False
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_features is not None and audio_hidden_states is not None:
