@@ -258,11 +258,11 @@ def test_wrong_sampling_rate_says_how_to_resample(golden_feature_extractor):
     "bad, error, message",
     [
         (np.zeros((10, 2, 2)), ValueError, "1-D waveform or a 2-D batch"),
-        ([np.zeros((10, 2))], ValueError, "1-D mono"),
+        ([np.zeros((10, 2, 2))], ValueError, "1-D mono"),
         (np.zeros(0), ValueError, "empty"),
         ([], ValueError, "empty list"),
         (np.array([0.1, np.nan]), ValueError, "NaN"),
-        (np.array([1, 2], dtype=np.int16), TypeError, "floating-point"),
+        (np.array([1, 2], dtype=np.int64), TypeError, "floating-point"),
         ("audio.wav", TypeError, "load_audio"),
         ([[0.1, "x"]], TypeError, "numbers only"),
         (object(), TypeError, "numpy array"),

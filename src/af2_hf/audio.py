@@ -54,7 +54,9 @@ def peak_normalize(waveform: np.ndarray) -> np.ndarray:
         if highest == 0:
             logger.warning("The waveform is all zeros (digital silence); it stays all zeros (-100 dB log-mel).")
             return np.zeros_like(waveform)
-        return 2 * waveform / abs(highest) - 1.0
+        # The original computes 2 * x / max; (x / max) * 2 is the same number (doubling is exact) but cannot
+        # overflow for samples above half the largest float.
+        return waveform / abs(highest) * 2 - 1.0
     return waveform / max(abs(highest), abs(lowest))
 
 
@@ -84,6 +86,8 @@ def _open_source(source):
             raise AudioLoadError(f"Audio file {path!r} does not exist.")
         if os.path.isdir(path):
             raise AudioLoadError(f"Audio path {path!r} is a directory, not an audio file.")
+        if os.path.getsize(path) == 0:
+            raise AudioLoadError(f"Audio file {path!r} is empty (0 bytes).")
         return path
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
@@ -104,7 +108,18 @@ def _open_source(source):
     )
 
 
-def load_audio(source: AudioSource, sampling_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+_FORMAT_HINT = (
+    " The data is not audio, or its format is not one libsndfile reads (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, AU, "
+    "CAF, W64, ...): convert it first, e.g. `ffmpeg -i input.m4a output.wav`."
+)
+
+
+def load_audio(
+    source: AudioSource,
+    sampling_rate: int = 16000,
+    max_seconds: float | None = None,
+    truncation: bool = True,
+) -> np.ndarray:
     """Loads audio as the original Audio Flamingo 2 ``read_audio`` does: mono, resampled, peak-normalised, float64.
 
     Steps (all in float64): read at most ``int(max_seconds * file_rate)`` frames from the start (truncation happens
@@ -119,12 +134,18 @@ def load_audio(source: AudioSource, sampling_rate: int = 16000, max_seconds: flo
     Digital silence (all-zero audio) is returned as zeros: the original produces NaN there (see
     :func:`peak_normalize`).
 
+    A file longer than ``max_seconds`` is cut to its first ``max_seconds`` (as the original) with a warning naming
+    the lengths; ``truncation=False`` raises a `ValueError` instead. A file cut short on disk (e.g. a WAV or MP3
+    whose data ends early) yields the samples that are present, as libsndfile decodes them; a corrupt stream that
+    libsndfile cannot decode (e.g. a cut FLAC or OGG) raises :class:`AudioLoadError`.
+
     Args:
         source (`str`, `os.PathLike`, `bytes` or binary file object): the audio file (any format libsndfile reads:
             WAV, FLAC, OGG/Vorbis, MP3, ...). URLs are not fetched.
         sampling_rate (`int`, *optional*, defaults to 16000): the rate of the returned signal.
         max_seconds (`float`, *optional*): read at most this many seconds from the start; `None` reads everything.
             The AF2 feature extractor uses ``max_num_windows * (window_length - window_overlap) + window_overlap``.
+        truncation (`bool`, *optional*, defaults to `True`): cut a longer file with a warning; `False` raises.
 
     Returns:
         `np.ndarray`: 1-D float64 signal at ``sampling_rate``.
@@ -132,7 +153,8 @@ def load_audio(source: AudioSource, sampling_rate: int = 16000, max_seconds: flo
     Raises:
         AudioLoadError: the source is missing, unreadable, unsupported, corrupt, empty or contains NaN/inf.
         TypeError: the source is of an unsupported type.
-        ValueError: ``sampling_rate`` or ``max_seconds`` is not a positive number.
+        ValueError: ``sampling_rate`` or ``max_seconds`` is not a positive number, or the file is longer than
+            ``max_seconds`` and ``truncation=False``.
     """
     import soundfile as sf
 
@@ -153,10 +175,19 @@ def load_audio(source: AudioSource, sampling_rate: int = 16000, max_seconds: flo
             file_format = audio_file.format
             total_frames = audio_file.frames
             frames = total_frames if max_seconds is None else min(int(max_seconds * file_rate), total_frames)
+            if frames < total_frames:
+                message = (
+                    f"Audio source {name} lasts {total_frames / file_rate:.2f} s ({total_frames} frames at {file_rate} "
+                    f"Hz), more than the {max_seconds} s the model sees"
+                )
+                if not truncation:
+                    raise ValueError(message + " (truncation=False). Cut the audio, or allow truncation.")
+                logger.warning(message + f"; only the first {frames} frames are read.")
             audio_file.seek(0)  # as the original (it seeks to its start offset, 0); matters for MP3 decoding
             data = audio_file.read(frames, dtype="float64")
     except (sf.LibsndfileError, RuntimeError, EOFError, OSError) as error:
-        raise AudioLoadError(f"Could not read audio from {name}: {error}") from error
+        hint = _FORMAT_HINT if "format not recognised" in str(error).lower() else ""
+        raise AudioLoadError(f"Could not read audio from {name}: {str(error).rstrip('.')}.{hint}") from error
 
     if data.size == 0:
         raise AudioLoadError(f"Audio source {name} contains no samples.")

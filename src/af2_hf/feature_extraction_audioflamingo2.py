@@ -64,6 +64,47 @@ def _is_scalar_number(value) -> bool:
     return isinstance(value, (float, int, np.number)) and not isinstance(value, bool)
 
 
+# Integer PCM -> float64 as soundfile reads PCM files (dtype="float64"): signed samples are divided by 2**(bits-1),
+# unsigned 8-bit PCM is offset binary (128 is zero).
+_PCM_INTEGER_DTYPES = {np.dtype(np.int8): 128.0, np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0,
+                       np.dtype(np.uint8): 128.0}
+
+
+def _pcm_to_float(waveform: np.ndarray) -> np.ndarray:
+    scale = _PCM_INTEGER_DTYPES[waveform.dtype]
+    samples = waveform.astype(np.float64)
+    if waveform.dtype == np.uint8:
+        samples -= 128.0
+    return samples / scale
+
+
+def _truncation_enabled(truncation) -> bool:
+    """`True`, `False`, `None` (the default: truncate) or a tokenizer truncation strategy (anything but
+    ``"do_not_truncate"`` truncates), as processors pass the shared ``truncation`` argument on."""
+    if truncation is None:
+        return True
+    if isinstance(truncation, (bool, np.bool_)):
+        return bool(truncation)
+    value = getattr(truncation, "value", truncation)
+    if isinstance(value, str):
+        return value != "do_not_truncate"
+    raise ValueError(f"truncation must be a bool or a truncation strategy, got {truncation!r}.")
+
+
+def _first_channel(waveform: np.ndarray, index: int) -> np.ndarray:
+    """The first channel of a 2-D waveform; the channel axis is the shorter one (axis 0 when both are equal)."""
+    if 1 in waveform.shape:
+        return waveform.reshape(-1)
+    channel_axis = 0 if waveform.shape[0] <= waveform.shape[1] else 1
+    channels = waveform.shape[channel_axis]
+    logger.warning(
+        f"Audio {index} has shape {tuple(waveform.shape)}: read as {channels} channels x "
+        f"{waveform.shape[1 - channel_axis]} samples ({'channels first' if channel_axis == 0 else 'channels last'}); "
+        "only channel 0 is kept, as the original read_audio (no down-mix). Pass a 1-D array to choose yourself."
+    )
+    return np.take(waveform, 0, axis=channel_axis)
+
+
 class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     r"""
     Turns 16 kHz mono waveforms into the windowed log-mel features of Audio Flamingo 2.
@@ -97,6 +138,24 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
 
     Peak normalisation and quantisation run in float64 for float64 input (as the original, whose float64 signal is
     needed for bit-exact clips) and in float32 otherwise; the STFT and the mel run in float32.
+
+    Inputs and edge cases:
+
+    - Waveforms: numpy arrays, torch tensors or lists of numbers. float16/bfloat16 are computed in float32. Integer
+      PCM is converted to float64 exactly as soundfile reads PCM files: int8 / 128, int16 / 32768, int32 / 2**31,
+      and uint8 as offset binary (x - 128) / 128; so an int16 array gives the features of the 16-bit WAV file
+      holding it. Other integer, bool or complex dtypes raise `TypeError`.
+    - A 2-D array is a batch ``(batch, samples)``, unless it has more rows than columns: then it is one
+      ``(samples, channels)`` waveform. A 2-D item inside a list is one multi-channel waveform whose channel axis
+      is the shorter one (the first on a tie). Of multi-channel audio only channel 0 is kept, with a warning, as the
+      original ``read_audio`` keeps channel 0 (no down-mix); a ``(1, n)`` or ``(n, 1)`` array is plain mono.
+    - Empty audio raises `ValueError`; NaN or infinite samples raise `ValueError` naming the count and the first
+      position. A 1-sample or sub-window waveform becomes one zero-padded window. All-zero audio (digital silence)
+      gives the -100 dB log-mel of silence, never NaN (the original divides 0 by 0 here).
+    - ``sampling_rate`` must equal the extractor's (`ValueError` otherwise, with how to resample); when it is missing
+      a warning is logged and the extractor's rate is assumed, as transformers' audio feature extractors do.
+    - Audio longer than ``max_num_windows`` windows is truncated with a warning (as the original); pass
+      ``truncation=False`` to get a `ValueError` instead.
     """
 
     model_input_names = ["input_features", "input_features_mask"]
@@ -235,6 +294,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
 
     @staticmethod
     def _to_numpy(waveform, index: int) -> np.ndarray:
+        """One waveform as a 1-D floating-point numpy array (see the class docstring for the accepted inputs)."""
         if isinstance(waveform, torch.Tensor):
             waveform = waveform.detach()
             if waveform.dtype in (torch.float16, torch.bfloat16):
@@ -256,28 +316,41 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             raise TypeError(
                 f"Audio {index}: expected a numpy array, torch tensor or list of floats, got {type(waveform).__name__}."
             )
-        if waveform.ndim != 1:
+        if waveform.ndim == 2:
+            waveform = _first_channel(waveform, index)
+        elif waveform.ndim != 1:
             raise ValueError(
-                f"Audio {index} has shape {tuple(waveform.shape)}: expected a 1-D mono waveform. Use "
-                "af2_hf.load_audio for multi-channel files (it keeps channel 0, as the original)."
+                f"Audio {index} has shape {tuple(waveform.shape)}: expected a 1-D mono waveform (or a 2-D "
+                "multi-channel one)."
             )
         if waveform.dtype == np.float16:
             waveform = waveform.astype(np.float32)
+        elif waveform.dtype in _PCM_INTEGER_DTYPES:
+            waveform = _pcm_to_float(waveform)
         if not np.issubdtype(waveform.dtype, np.floating):
             raise TypeError(
-                f"Audio {index} has dtype {waveform.dtype}: expected floating-point samples in [-1, 1] (convert "
-                "integer PCM with x / 32768, or load files with af2_hf.load_audio)."
+                f"Audio {index} has dtype {waveform.dtype}: expected floating-point samples in [-1, 1] or integer "
+                f"PCM ({', '.join(sorted(str(np.dtype(d)) for d in _PCM_INTEGER_DTYPES))}). Convert it to float "
+                "first (e.g. x / 32768 for 16-bit PCM), or load files with af2_hf.load_audio."
             )
         if waveform.size == 0:
-            raise ValueError(f"Audio {index} is empty.")
-        if not np.isfinite(waveform).all():
-            raise ValueError(f"Audio {index} contains NaN or infinite samples.")
+            raise ValueError(f"Audio {index} is empty (0 samples).")
+        finite = np.isfinite(waveform)
+        if not finite.all():
+            nan = int(np.isnan(waveform).sum())
+            infinite = int(waveform.size - finite.sum()) - nan
+            first = int(np.argmin(finite))
+            raise ValueError(
+                f"Audio {index} contains NaN or infinite samples ({nan} NaN, {infinite} infinite, the first at "
+                f"sample {first}): clean it first, e.g. np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)."
+            )
         return waveform
 
     def _as_waveform_list(self, raw_audio) -> list[np.ndarray]:
         if isinstance(raw_audio, (np.ndarray, torch.Tensor)):
             if raw_audio.ndim == 2:
-                items = list(raw_audio)
+                # (batch, samples); more rows than columns can only be one (samples, channels) waveform.
+                items = [raw_audio] if raw_audio.shape[0] > raw_audio.shape[1] else list(raw_audio)
             elif raw_audio.ndim == 1:
                 items = [raw_audio]
             else:
@@ -294,7 +367,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
 
     def _check_sampling_rate(self, sampling_rate: int | None):
         if sampling_rate is None:
-            logger.warning_once(
+            logger.warning(
                 f"No sampling_rate passed to {self.__class__.__name__}; assuming {self.sampling_rate} Hz. Pass "
                 "sampling_rate to catch silently wrong inputs."
             )
@@ -323,10 +396,12 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         do_quantize: bool | None = None,
         max_num_windows: int | None = None,
         index: int = 0,
+        truncation: bool = True,
     ) -> np.ndarray:
         """The window clips of one waveform, ``(num_windows, window_samples)`` float32: truncation to
-        ``max_num_windows`` windows (with a warning), peak normalisation, zero padding to whole windows and the int16
-        round trip, as the original ``inference.load_audio``."""
+        ``max_num_windows`` windows (with a warning; ``truncation=False`` raises a `ValueError` instead), peak
+        normalisation, zero padding to whole windows and the int16 round trip, as the original
+        ``inference.load_audio``."""
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
         do_quantize = self.do_quantize if do_quantize is None else do_quantize
         max_windows = self._resolve_max_windows(max_num_windows)
@@ -336,11 +411,16 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
 
         limit = self.max_samples(max_windows)
         if waveform.shape[0] > limit:
-            logger.warning(
-                f"Audio {index} has {waveform.shape[0]} samples ({waveform.shape[0] / self.sampling_rate:.2f} s); "
-                f"only the first {limit} ({max_windows} windows, {limit / self.sampling_rate:.2f} s) are used and "
-                f"{waveform.shape[0] - limit} samples are dropped."
+            message = (
+                f"Audio {index} has {waveform.shape[0]} samples ({waveform.shape[0] / self.sampling_rate:.2f} s), more "
+                f"than the {limit} ({max_windows} windows, {limit / self.sampling_rate:.2f} s) the model sees"
             )
+            if not truncation:
+                raise ValueError(
+                    message + " (truncation=False). Cut the audio, raise max_num_windows, or allow truncation."
+                )
+            logger.warning(message + f"; only the first {limit} are used and {waveform.shape[0] - limit} samples are "
+                           "dropped.")
             waveform = waveform[:limit]
 
         if do_normalize:
@@ -373,6 +453,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         do_quantize: bool | None = None,
         max_num_windows: int | None = None,
         padding: bool | str = True,
+        truncation: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The quantised window clips of a batch, as the original feeds them to CLAP (for testing and debugging).
 
@@ -381,7 +462,8 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             padded windows, and the window mask ``(batch, windows)`` int64.
         """
         self._check_sampling_rate(sampling_rate)
-        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows)
+        truncation = _truncation_enabled(truncation)
+        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows, truncation)
         total = self._padded_windows(per_audio, padding, max_num_windows)
         clips = np.zeros((len(per_audio), total, self.window_samples), dtype=np.float32)
         mask = np.zeros((len(per_audio), total), dtype=np.int64)
@@ -390,10 +472,14 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             mask[row, : len(audio_clips)] = 1
         return clips, mask
 
-    def _clips_per_audio(self, raw_audio, do_normalize, do_quantize, max_num_windows) -> list[np.ndarray]:
+    def _clips_per_audio(
+        self, raw_audio, do_normalize, do_quantize, max_num_windows, truncation=True
+    ) -> list[np.ndarray]:
         waveforms = self._as_waveform_list(raw_audio)
         return [
-            self.clips_from_waveform(waveform, do_normalize, do_quantize, max_num_windows, index=index)
+            self.clips_from_waveform(
+                waveform, do_normalize, do_quantize, max_num_windows, index=index, truncation=truncation
+            )
             for index, waveform in enumerate(waveforms)
         ]
 
@@ -476,12 +562,14 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         max_num_windows: int | None = None,
         padding: bool | str = True,
         return_attention_mask: bool | None = None,
+        truncation: bool = True,
     ) -> BatchFeature:
         """Featurises one waveform or a batch.
 
         Args:
-            raw_audio (`np.ndarray`, `torch.Tensor`, `list[float]`, or a list of those): mono waveform(s) at
-                ``sampling_rate``. A 2-D array is a batch of equally long waveforms.
+            raw_audio (`np.ndarray`, `torch.Tensor`, `list[float]`, or a list of those): waveform(s) at
+                ``sampling_rate``, float or integer PCM. A 2-D array is a batch of equally long waveforms (or one
+                ``(samples, channels)`` waveform when it has more rows than columns); see the class docstring.
             sampling_rate (`int`, *optional*): the rate of ``raw_audio``; must equal the extractor's.
             return_tensors (`str`, *optional*): ``"pt"`` for torch tensors, ``"np"`` (or `None`) for numpy arrays.
             device (`str` or `torch.device`, *optional*): where to compute (and, with ``"pt"``, return) features.
@@ -489,6 +577,8 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             padding (`bool` or `str`, *optional*, defaults to `True`): pad to the most windows in the batch
                 (`True`/``"longest"``) or to ``max_num_windows`` (``"max_length"``).
             return_attention_mask (`bool`, *optional*): return ``input_features_mask`` (default: the extractor's).
+            truncation (`bool`, *optional*, defaults to `True`): audio longer than ``max_num_windows`` windows is
+                cut with a warning (as the original); `False` raises a `ValueError` instead.
 
         Returns:
             [`BatchFeature`]: ``input_features`` float32 ``(batch, windows, num_frames, num_mel_bins)`` log-mel in dB
@@ -499,8 +589,9 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
         return_attention_mask = self.return_attention_mask if return_attention_mask is None else return_attention_mask
         device = torch.device("cpu") if device is None else torch.device(device)
+        truncation = _truncation_enabled(truncation)
 
-        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows)
+        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows, truncation)
         total = self._padded_windows(per_audio, padding, max_num_windows)
         counts = [len(clips) for clips in per_audio]
 

@@ -11,7 +11,12 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
-from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor, _is_scalar_number
+from .feature_extraction_audioflamingo2 import (
+    AudioFlamingo2FeatureExtractor,
+    _is_scalar_number,
+    _truncation_enabled,
+)
+from .audio import load_audio
 from .tokenization_audioflamingo2 import AF2_AUDIO_TOKEN, AF2_END_OF_CHUNK_TOKEN
 
 logger = logging.get_logger(__name__)
@@ -54,7 +59,7 @@ AF2_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
-_FEATURE_EXTRACTOR_CALL_KWARGS = ("sampling_rate", "device", "do_normalize", "do_quantize", "max_num_windows")
+_FEATURE_EXTRACTOR_CALL_KWARGS = ("device", "do_normalize", "do_quantize", "max_num_windows")
 _TOKENIZER_CALL_KWARGS = (
     "add_special_tokens",
     "padding",
@@ -93,6 +98,10 @@ def _is_single_waveform(audio) -> bool:
     return True  # a path, bytes or file object
 
 
+def _is_file_source(audio) -> bool:
+    return isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(audio, "read")
+
+
 class AudioFlamingo2Processor(ProcessorMixin):
     r"""
     Audio Flamingo 2 processor: an [`AudioFlamingo2FeatureExtractor`] and the AF2 tokenizer (a Qwen2 tokenizer
@@ -110,6 +119,21 @@ class AudioFlamingo2Processor(ProcessorMixin):
 
     Audio may be 16 kHz waveforms (numpy, torch, lists) or paths / bytes / binary file objects, which are loaded
     with [`af2_hf.load_audio`] (the original ``read_audio``; at most ``max_num_windows`` windows are read).
+
+    Edge cases (see also [`AudioFlamingo2FeatureExtractor`] for waveforms: integer PCM, NaN, silence, channels):
+
+    - ``text=None``: audio only, the result holds the features alone. An empty or blank question gives the prompt
+      ``"<audio><SEP>"``; non-ASCII questions are lower-cased by Python's ``str.lower`` exactly as in the original.
+    - One text with a 2-D audio array: the array is ONE multi-channel waveform in either orientation (channel 0 is
+      kept, with a warning). With several texts, or none, a 2-D array is a batch as for the feature extractor.
+    - Counts: exactly one audio per text and at most one ``<audio>`` per text, else `ValueError`.
+    - ``sampling_rate`` describes waveform inputs. Missing: a warning, and the feature extractor's rate is
+      assumed; different from it: `ValueError`. Files are read at their own rate and resampled, so with files only
+      a ``sampling_rate`` other than the extractor's is refused as a likely mistake.
+    - Lengths: prompts longer than ``max_length`` (512) tokens and audio longer than ``max_num_windows`` windows
+      are truncated with a warning naming them, as the original truncates. ``truncation=False`` raises a
+      `ValueError` for both instead (``text_kwargs={"truncation": False}`` or ``audio_kwargs={"truncation":
+      False}`` for one of them only); ``max_length=None`` lifts the prompt limit.
 
     Args:
         feature_extractor ([`AudioFlamingo2FeatureExtractor`]): the feature extractor.
@@ -203,20 +227,29 @@ class AudioFlamingo2Processor(ProcessorMixin):
                 )
         return prompts
 
-    def _audio_list(self, audio, max_num_windows: int | None) -> list:
+    def _audio_items(self, audio, num_texts: int | None) -> list:
         if _is_single_waveform(audio):
-            items = [audio]
-        elif isinstance(audio, (np.ndarray, torch.Tensor)):
+            return [audio]
+        if isinstance(audio, (np.ndarray, torch.Tensor)):
             if audio.ndim != 2:
                 raise ValueError(f"Audio arrays must be 1-D (one waveform) or 2-D (a batch), got {tuple(audio.shape)}.")
-            items = list(audio)
-        else:
-            items = list(audio)
-            if len(items) == 0:
-                raise ValueError("audio is an empty list.")
+            if num_texts == 1:
+                return [audio]  # one text: one (multi-channel) waveform, in either orientation
+            return [audio] if audio.shape[0] > audio.shape[1] else list(audio)
+        items = list(audio)
+        if len(items) == 0:
+            raise ValueError("audio is an empty list.")
+        return items
+
+    def _load_items(self, items: list, max_num_windows: int | None, truncation: bool) -> list:
         max_seconds = self.feature_extractor.max_audio_seconds(max_num_windows)
         rate = self.feature_extractor.sampling_rate
-        return [self.feature_extractor._fetch(item, rate, max_seconds) for item in items]
+        return [
+            load_audio(item, sampling_rate=rate, max_seconds=max_seconds, truncation=truncation)
+            if _is_file_source(item)
+            else item
+            for item in items
+        ]
 
     # ------------------------------------------------------------------ call
 
@@ -256,12 +289,15 @@ class AudioFlamingo2Processor(ProcessorMixin):
             raise ValueError(
                 f"Got {len(prompts)} text(s) but no audio: Audio Flamingo 2 takes exactly one audio per text."
             )
-        waveforms = self._audio_list(audio, audio_kwargs.get("max_num_windows"))
-        if prompts is not None and len(prompts) != len(waveforms):
+        items = self._audio_items(audio, None if prompts is None else len(prompts))
+        if prompts is not None and len(prompts) != len(items):
             raise ValueError(
-                f"Got {len(prompts)} text(s) and {len(waveforms)} audio(s): Audio Flamingo 2 takes exactly one audio "
+                f"Got {len(prompts)} text(s) and {len(items)} audio(s): Audio Flamingo 2 takes exactly one audio "
                 "per text."
             )
+        audio_truncation = _truncation_enabled(audio_kwargs.get("truncation"))
+        sampling_rate = self._waveform_sampling_rate(items, audio_kwargs.get("sampling_rate"))
+        waveforms = self._load_items(items, audio_kwargs.get("max_num_windows"), audio_truncation)
 
         data: dict[str, Any] = {}
         if prompts is not None:
@@ -270,15 +306,35 @@ class AudioFlamingo2Processor(ProcessorMixin):
                 data["text_replacement_offsets"] = [[] for _ in prompts]
 
         feature_kwargs = {key: audio_kwargs[key] for key in _FEATURE_EXTRACTOR_CALL_KWARGS if key in audio_kwargs}
-        if feature_kwargs.get("sampling_rate") is None:
-            feature_kwargs["sampling_rate"] = self.feature_extractor.sampling_rate
-        data.update(self.feature_extractor(waveforms, return_tensors=return_tensors, **feature_kwargs))
+        data.update(
+            self.feature_extractor(
+                waveforms,
+                sampling_rate=sampling_rate,
+                return_tensors=return_tensors,
+                truncation=audio_truncation,
+                **feature_kwargs,
+            )
+        )
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _waveform_sampling_rate(self, items: list, sampling_rate):
+        """The ``sampling_rate`` handed to the feature extractor: the user's for waveforms (`None` makes it warn),
+        the extractor's own when every item is a file (loaded at that rate)."""
+        expected = self.feature_extractor.sampling_rate
+        if any(not _is_file_source(item) for item in items):
+            return sampling_rate
+        if sampling_rate is not None and sampling_rate != expected:
+            raise ValueError(
+                f"sampling_rate={sampling_rate} was given with audio files: files are read at their own rate and "
+                f"resampled to {expected} Hz, so sampling_rate (the rate of waveform inputs) must be {expected} or "
+                "left out."
+            )
+        return expected
 
     def _tokenize(self, prompts: list[str], text_kwargs: dict, return_tensors) -> dict:
         call_kwargs = {key: text_kwargs[key] for key in _TOKENIZER_CALL_KWARGS if key in text_kwargs}
         max_length = call_kwargs.get("max_length")
-        if call_kwargs.get("truncation") and max_length is not None:
+        if max_length is not None:
             lengths = [
                 len(ids)
                 for ids in self.tokenizer(
@@ -286,6 +342,12 @@ class AudioFlamingo2Processor(ProcessorMixin):
                 )["input_ids"]
             ]
             too_long = [index for index, length in enumerate(lengths) if length > max_length]
+            if too_long and not _truncation_enabled(call_kwargs.get("truncation", False)):
+                raise ValueError(
+                    f"Text(s) {too_long} have {[lengths[i] for i in too_long]} tokens, more than max_length="
+                    f"{max_length} (truncation=False). Shorten them, pass truncation=True to cut them (with a "
+                    "warning), or max_length=None to allow any length."
+                )
             if too_long:
                 logger.warning(
                     f"Truncating text(s) {too_long} to max_length={max_length} tokens (lengths "
