@@ -409,8 +409,11 @@ def load_safe_ckpt(af2_dir: Path, report: ConversionReport, progress: bool = Tru
     folder = af2_dir / "safe_ckpt"
     meta = folder / "metadata.json"
     if meta.is_file():
-        with open(meta, encoding="utf-8") as handle:
-            names = json.load(handle)
+        try:
+            with open(meta, encoding="utf-8") as handle:
+                names = json.load(handle)
+        except (ValueError, OSError) as error:
+            raise ConversionError(f"{meta} is not valid JSON: {error}") from error
         if not isinstance(names, list):
             raise ConversionError(f"{meta} is not a JSON list of chunk names.")
         files = [folder / f"{name}.safetensors" for name in names]
@@ -424,7 +427,10 @@ def load_safe_ckpt(af2_dir: Path, report: ConversionReport, progress: bool = Tru
     for file in _progress(files, "safe_ckpt chunks", progress):
         if not file.is_file():
             raise ConversionError(f"safe_ckpt chunk {file} listed in metadata.json is missing.")
-        chunk = load_file(str(file))
+        try:
+            chunk = load_file(str(file))
+        except Exception as error:  # safetensors raises SafetensorError (not a public subclass of anything useful)
+            raise ConversionError(f"safe_ckpt chunk {file} is not a readable safetensors file: {error}") from error
         repeated = sorted(set(chunk) & set(state))
         if repeated:
             report.warnings.append(f"{len(repeated)} keys appear in more than one chunk; {file.name} wins "
@@ -447,9 +453,31 @@ def find_clap_ckpt(af2_dir: Path, clap_config: dict) -> Path | None:
     return found[0] if found else None
 
 
+def _load_torch_weights(path: Path, what: str, **kwargs):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never arbitrary pickled objects
+    (unpickling those can run code). Every failure becomes a :class:`ConversionError` naming the file."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", **kwargs)
+    except pickle.UnpicklingError as error:
+        details = [line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line]
+        raise ConversionError(
+            f"Refusing to load {what} {path}: it is not a plain PyTorch weights file. It is read with "
+            "torch.load(weights_only=True), which accepts tensors and plain containers only and refuses pickled "
+            "arbitrary objects (loading those can run code); it may also be corrupt. Re-save the state dict with "
+            "tensors only (torch.save(state_dict) or safetensors)."
+            + (f" torch: {details[0]}" if details else "")
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ConversionError(f"{what} {path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+
+
 def load_clap_ckpt(path: Path, report: ConversionReport, unmapped: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """HTSAT tensors (keys relative to HTSAT) of a LAION-CLAP checkpoint; its other entries are dropped or refused."""
-    checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    """HTSAT tensors (keys relative to HTSAT) of a LAION-CLAP checkpoint; its other entries are dropped or refused.
+    The file is read with ``torch.load(weights_only=True)``: a pickled arbitrary object is refused."""
+    checkpoint = _load_torch_weights(path, "CLAP checkpoint")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ConversionError(f"{path} holds no state dict.")
@@ -495,7 +523,7 @@ def _weight_loaders(folder: Path, progress: bool):
                     for key in handle.keys():
                         yield key, (lambda h=handle, k=key: h.get_tensor(k))
             else:
-                state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+                state = _load_torch_weights(file, "base LM weights", mmap=True)
                 for key, tensor in state.items():
                     yield key, (lambda t=tensor: t)
         return
