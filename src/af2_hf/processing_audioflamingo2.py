@@ -260,11 +260,14 @@ class AudioFlamingo2Processor(ProcessorMixin):
             text (`str` or `list[str]`): questions (formatted as AF2 prompts) or texts holding one ``<audio>`` each.
             audio: one audio per text: waveforms at 16 kHz (numpy / torch / list of floats; a 2-D array is a batch)
                 or paths, bytes or binary file objects.
-            sampling_rate (`int`, *optional*): the rate of waveform inputs; must be the feature extractor's.
+            sampling_rate (`int`, *optional*): the rate of waveform inputs; must be the feature extractor's (a
+                warning when it is missing and waveforms are given).
             return_tensors (`str`, *optional*): ``"pt"`` or ``"np"``.
             padding_side (`str`, *optional*, defaults to ``"left"``): ``"right"`` for training batches.
-            max_length (`int`, *optional*, defaults to 512), truncation (`bool`, defaults to `True`), padding and
-                the other tokenizer arguments, or ``text_kwargs={...}``.
+            truncation (`bool`, *optional*, defaults to `True`): cut prompts over ``max_length`` tokens and audio over
+                ``max_num_windows`` windows, with a warning; `False` raises a `ValueError` for either instead.
+            max_length (`int`, *optional*, defaults to 512), padding and the other tokenizer arguments, or
+                ``text_kwargs={...}``.
             device, do_normalize, do_quantize, max_num_windows: feature extractor arguments (or
                 ``audio_kwargs={...}``).
 
