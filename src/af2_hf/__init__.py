@@ -22,3 +22,22 @@ __all__ = [
     "load_audio",
     "prepare_af2_tokenizer",
 ]
+
+# Training utilities (issue #6), imported on first use: they pull in transformers' Trainer.
+_TRAINING_EXPORTS = (
+    "AudioFlamingo2DataCollator",
+    "AudioFlamingo2Trainer",
+    "GenerationAccuracyCallback",
+    "count_trainable_parameters",
+    "read_manifest",
+    "set_trainable",
+)
+__all__ += list(_TRAINING_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _TRAINING_EXPORTS:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
