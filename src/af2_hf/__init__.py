@@ -11,7 +11,14 @@ from .modeling_audioflamingo2 import (
 from .processing_audioflamingo2 import AudioFlamingo2Processor
 from .tokenization_audioflamingo2 import prepare_af2_tokenizer
 
+# Auto classes, the audio-question-answering pipeline, remote-code export and SoundCoT decoding.
+from .auto import AUDIO_QUESTION_ANSWERING_TASK  # noqa: E402  (importing registers the Auto classes)
+from .export import add_remote_code, save_with_remote_code
+from .pipeline_audio_question_answering import AudioQuestionAnsweringPipeline
+from .soundcot import soundcot_generate
+
 __all__ = [
+    "AUDIO_QUESTION_ANSWERING_TASK",
     "AudioFlamingo2Config",
     "AudioFlamingo2ForConditionalGeneration",
     "AudioFlamingo2Model",
@@ -19,8 +26,12 @@ __all__ = [
     "AudioFlamingo2FeatureExtractor",
     "AudioFlamingo2Processor",
     "AudioLoadError",
+    "AudioQuestionAnsweringPipeline",
+    "add_remote_code",
     "load_audio",
     "prepare_af2_tokenizer",
+    "save_with_remote_code",
+    "soundcot_generate",
 ]
 
 # Training utilities (issue #6), imported on first use: they pull in transformers' Trainer.

@@ -1072,6 +1072,7 @@ def convert_af2_checkpoint(
         The :class:`ConversionReport` (also printed when ``verbose``).
     """
     from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor
+    from .export import add_remote_code
     from .processing_audioflamingo2 import AudioFlamingo2Processor
 
     torch_dtype = _as_dtype(dtype)
@@ -1092,6 +1093,7 @@ def convert_af2_checkpoint(
     feature_extractor = AudioFlamingo2FeatureExtractor(**converted.processor_kwargs)
     processor = AudioFlamingo2Processor(feature_extractor=feature_extractor, tokenizer=converted.tokenizer)
     processor.save_pretrained(output_dir)
+    add_remote_code(output_dir)  # modules + auto_map/custom_pipelines: loads with trust_remote_code, without af2_hf
     report = converted.report
     report.notes.append(f"written to {output_dir} ({str(torch_dtype).replace('torch.', '')}, "
                         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters).")

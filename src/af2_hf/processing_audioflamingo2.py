@@ -188,8 +188,11 @@ class AudioFlamingo2Processor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        # The feature extractor is not (yet) registered with AutoFeatureExtractor: load it with its own class, which
-        # reads the config nested in processor_config.json (or preprocessor_config.json).
+        # The feature extractor is loaded with the class this module imports, not through AutoFeatureExtractor
+        # (where af2_hf registers it): with trust_remote_code, transformers loads every module of a checkpoint in
+        # its own hashed package, so AutoFeatureExtractor would return another class object than the one this
+        # module imports, and the isinstance check in __init__ would fail. The class reads the config nested in
+        # processor_config.json (or preprocessor_config.json).
         subfolder = kwargs.pop("subfolder", None)
         if subfolder:
             kwargs["subfolder"] = subfolder

@@ -1,0 +1,63 @@
+"""Registers Audio Flamingo 2 with the transformers Auto classes and the ``audio-question-answering`` pipeline task.
+
+Imported by ``af2_hf/__init__.py``, so ``import af2_hf`` is enough for::
+
+    AutoConfig / AutoModel / AutoModelForMultimodalLM / AutoProcessor / AutoFeatureExtractor.from_pretrained(dir)
+    pipeline("audio-question-answering", model=dir)
+
+Registration is idempotent (re-importing or reloading the module registers the same classes again without error).
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+)
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .configuration_audioflamingo2 import AudioFlamingo2Config
+from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor
+from .modeling_audioflamingo2 import AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model
+from .pipeline_audio_question_answering import AudioQuestionAnsweringPipeline
+
+__all__ = ["AUDIO_QUESTION_ANSWERING_TASK", "register_auto_classes"]
+
+AUDIO_QUESTION_ANSWERING_TASK = "audio-question-answering"
+
+
+def register_auto_classes() -> None:
+    """Registers the AF2 classes with the Auto classes and the ``audio-question-answering`` pipeline task.
+
+    The classes are also registered for remote code (``register_for_auto_class``): every ``save_pretrained`` of an
+    AF2 config, model, processor or feature extractor copies its module (and the modules it imports relatively)
+    into the output directory and records it in ``auto_map``, so a saved directory loads with
+    ``trust_remote_code=True`` where ``af2_hf`` is not installed. (:func:`af2_hf.add_remote_code` adds the
+    ``AutoModel`` entry and the pipeline.)
+    """
+    from .processing_audioflamingo2 import AudioFlamingo2Processor
+
+    AutoConfig.register(AudioFlamingo2Config.model_type, AudioFlamingo2Config, exist_ok=True)
+    AutoModel.register(AudioFlamingo2Config, AudioFlamingo2Model, exist_ok=True)
+    AutoModelForMultimodalLM.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
+    AutoFeatureExtractor.register(AudioFlamingo2Config, AudioFlamingo2FeatureExtractor, exist_ok=True)
+    AutoProcessor.register(AudioFlamingo2Config, AudioFlamingo2Processor, exist_ok=True)
+
+    AudioFlamingo2Config.register_for_auto_class("AutoConfig")
+    AudioFlamingo2Model.register_for_auto_class("AutoModel")
+    AudioFlamingo2ForConditionalGeneration.register_for_auto_class("AutoModelForMultimodalLM")
+    AudioFlamingo2FeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+    AudioFlamingo2Processor.register_for_auto_class("AutoProcessor")
+
+    registered = PIPELINE_REGISTRY.supported_tasks.get(AUDIO_QUESTION_ANSWERING_TASK)
+    if registered is None or registered.get("impl") is not AudioQuestionAnsweringPipeline:
+        PIPELINE_REGISTRY.register_pipeline(
+            AUDIO_QUESTION_ANSWERING_TASK,
+            pipeline_class=AudioQuestionAnsweringPipeline,
+            pt_model=AutoModelForMultimodalLM,
+            type="multimodal",
+        )
+
+
+register_auto_classes()
