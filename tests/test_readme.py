@@ -1,0 +1,110 @@
+"""Every command and code block of README.md runs (offline, in a scratch folder).
+
+* The set-up and test commands must be exactly what .ci/run runs (they are exercised by CI itself).
+* ``af2-hf ...`` commands run through ``af2_hf.cli.main`` (the console script's entry point; the installed script
+  itself is exercised in test_cli.py); ``python examples/...`` commands run the scripts with ``runpy``.
+* Blocks whose first line says "needs internet" are run offline by the equivalent local invocation: Hub ids of the
+  AF2 releases become the golden original release, Qwen base models the golden base LM, and ``ask`` on those
+  stand-ins generates at most 8 tokens.
+* The ``python`` blocks run after the shell blocks (they use ``./af2-tiny`` made by the quick start).
+"""
+
+import os
+import re
+import runpy
+import shlex
+import shutil
+import sys
+
+import pytest
+
+from af2_hf.cli import main as cli_main
+from af2_testing import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+SETUP = ["pip install torch==2.13.0", 'pip install -e ".[test]"']
+TEST_COMMAND = "python -m pytest -q tests"
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+def commands(block: str) -> list[str]:
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_setup_and_test_commands_are_what_ci_runs():
+    ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
+    blocks = [commands(block) for block in code_blocks("bash")]
+    assert SETUP in blocks and [TEST_COMMAND] in blocks
+    ci_commands = [line for line in ci if line.startswith(("pip ", "python "))]
+    assert ci_commands == SETUP + [TEST_COMMAND]
+    # Nowhere else in the README are packages installed or the tests run.
+    flat = [command for block in blocks for command in block]
+    assert [c for c in flat if c.startswith("pip ")] == SETUP and flat.count(TEST_COMMAND) == 1
+
+
+def _offline_equivalent(command: str, golden_dir) -> str:
+    argv = shlex.split(command)
+    replaced = []
+    for arg in argv:
+        if re.fullmatch(r"nvidia/audio-flamingo-2(-[\w.]+)?", arg):
+            arg = str(golden_dir / "original")
+        elif re.fullmatch(r"Qwen/Qwen2\.5-[\w.]+", arg):
+            arg = str(golden_dir / "base_lm")
+        replaced.append(arg)
+    if argv[:2] == ["af2-hf", "convert"]:
+        assert replaced != argv, f"a 'needs internet' conversion without Hub ids: {command}"
+        replaced.append("--no-progress")
+    if argv[:2] == ["af2-hf", "ask"] and "--max-new-tokens" not in argv:
+        replaced += ["--max-new-tokens", "8"]
+    return shlex.join(replaced)
+
+
+def _run(command: str):
+    argv = shlex.split(command)
+    if argv[0] == "af2-hf":
+        assert cli_main(argv[1:]) == 0, command
+    elif argv[0] == "python" and argv[1].startswith("examples/") and argv[1].endswith(".py"):
+        saved = sys.argv
+        sys.argv = argv[1:]
+        try:
+            runpy.run_path(argv[1], run_name="__main__")
+        except SystemExit as exit_info:
+            assert exit_info.code in (0, None), command
+        finally:
+            sys.argv = saved
+    else:
+        pytest.fail(f"README command this test does not know how to run: {command!r}")
+
+
+def test_readme_commands_and_code_run_offline(tmp_path, monkeypatch, golden_dir, capsys):
+    workspace = tmp_path / "workspace"
+    shutil.copytree(REPO_ROOT / "examples", workspace / "examples",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    monkeypatch.chdir(workspace)
+    monkeypatch.delenv("AF2_HF_MODEL", raising=False)
+
+    ran = []
+    for block in code_blocks("bash"):
+        lines = commands(block)
+        if lines in (SETUP, [TEST_COMMAND]):
+            continue  # checked against .ci/run above
+        needs_internet = block.lstrip().lower().startswith("# needs internet")
+        for command in lines:
+            if needs_internet:
+                command = _offline_equivalent(command, golden_dir)
+            _run(command)
+            ran.append(command)
+    assert any(c.startswith("af2-hf make-tiny") for c in ran) and any(c.startswith("af2-hf ask") for c in ran)
+    assert sum(c.startswith("af2-hf convert") for c in ran) == 4
+    assert os.path.isfile("example-copy.wav")
+
+    python_blocks = code_blocks("python")
+    assert len(python_blocks) >= 7
+    for index, block in enumerate(python_blocks):
+        capsys.readouterr()
+        exec(compile(block, f"README.md python block {index}", "exec"), {"__name__": f"readme_block_{index}"})
+        assert capsys.readouterr().out.strip(), f"python block {index} printed nothing"
+    assert os.path.isfile("my-af2/pipeline_audio_question_answering.py")
