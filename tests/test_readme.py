@@ -100,6 +100,7 @@ def test_readme_commands_and_code_run_offline(tmp_path, monkeypatch, golden_dir,
     assert any(c.startswith("af2-hf make-tiny") for c in ran) and any(c.startswith("af2-hf ask") for c in ran)
     assert sum(c.startswith("af2-hf convert") for c in ran) == 4
     assert os.path.isfile("example-copy.wav")
+    assert os.path.isfile("af2-finetuned/model.safetensors") and os.path.isfile("predictions.jsonl")
 
     python_blocks = code_blocks("python")
     assert len(python_blocks) >= 7
