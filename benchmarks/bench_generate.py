@@ -128,7 +128,7 @@ def main():
             row["naive_decode_ms"] = ms
 
     print()
-    print(f"| audio | windows | audio tokens | encode (s) | prefill (s) | decode ms/token | tokens/s | naive ms/token | speed-up |")
+    print("| audio | windows | audio tokens | encode (s) | prefill (s) | decode ms/token | tokens/s | naive ms/token | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         naive = f"{r['naive_decode_ms']:.2f}" if r["naive_decode_ms"] else "-"

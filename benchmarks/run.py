@@ -18,7 +18,6 @@ Measures, on random weights of a chosen size (no download):
 import argparse
 import json
 import resource
-import time
 
 import numpy as np
 import torch

@@ -23,7 +23,6 @@ from af2_hf.training import (
     AudioFlamingo2Trainer,
     answer_accuracy,
     build_training_labels,
-    count_trainable_parameters,
     load_example_audio,
     match_choice,
     set_trainable,
