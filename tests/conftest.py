@@ -28,6 +28,12 @@ def golden(golden_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
+def model(golden_dir):
+    """The golden original release converted with the converter and loaded with from_pretrained (SDPA, eval)."""
+    return af2_testing.load_converted_model("sdpa")
+
+
+@pytest.fixture(scope="session")
 def golden_json(golden_dir) -> dict:
     """expected.json: prompts, decoded texts, configuration summary, token ids, versions."""
     with open(golden_dir / "expected.json", encoding="utf-8") as handle:

@@ -7,19 +7,9 @@ import pytest
 import torch
 from transformers import CompileConfig, TextIteratorStreamer
 
-from af2_testing import golden_tensors, load_converted_model, random_features, random_model, relative_error
+from af2_testing import load_converted_model, random_features, random_model, relative_error
 
 EOS, PAD = 999, 1002  # only for the golden tiny tokenizer
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return golden_tensors()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_converted_model("sdpa")
 
 
 def single_inputs(golden, case):

@@ -4,20 +4,10 @@ import pytest
 import torch
 
 from af2_hf import AudioFlamingo2ForConditionalGeneration
-from af2_testing import converted_tiny_dir, golden_tensors, load_converted_model, relative_error
+from af2_testing import converted_tiny_dir, load_converted_model, relative_error
 
 TOL = 1e-4  # project bar: ||err|| / ||ref|| per stage; the original's own float32 error reaches 7e-5
 CASES = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return golden_tensors()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_converted_model("sdpa")
 
 
 def batch_features(golden, cases):
