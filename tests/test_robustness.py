@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from af2_testing import converted_tiny_dir, load_converted_model, random_features, random_model
+from af2_testing import converted_tiny_dir, random_features, random_model
 from safetensors.torch import load_file, save_file
 
 from af2_hf import AudioFlamingo2FeatureExtractor, AudioFlamingo2ForConditionalGeneration, AudioLoadError, load_audio
@@ -38,11 +38,6 @@ WINDOW = 10 * RATE
 def fe():
     """Default windowing (10 s) but at most 3 windows, so that over-long audio stays cheap."""
     return AudioFlamingo2FeatureExtractor(max_num_windows=3)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_converted_model()
 
 
 def features(extractor, audio, **kwargs):
