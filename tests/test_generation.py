@@ -163,3 +163,24 @@ def test_end_to_end_from_audio_file(golden, golden_json, golden_audio_files, cas
     out = model.generate(**inputs, do_sample=False, max_new_tokens=12)
     assert torch.equal(out, golden[f"{case}.greedy_ids"])
     assert processor.decode_answer(out[0]) == golden_json["decoded"][f"{case}.greedy"]
+
+
+def test_beam_search_encodes_each_audio_once(model, golden):
+    batches = []
+    hook = model.model.audio_tower.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        out = model.generate(**single_inputs(golden, "a"), do_sample=False, num_beams=3, max_new_tokens=8)
+    finally:
+        hook.remove()
+    assert batches == [golden["a.mel"].shape[0]]  # the windows of one audio, not one copy per beam
+    assert torch.equal(out, golden["a.beam_ids"])
+
+
+def test_beam_search_static_and_cacheless_agree():
+    model = random_model()
+    kwargs = dict(input_ids=torch.randint(0, 110, (2, 7), generator=torch.Generator().manual_seed(3)),
+                  input_features=random_features(2, 3), input_features_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+                  num_beams=3, max_new_tokens=5, do_sample=False, pad_token_id=118)
+    dynamic = model.generate(**kwargs)
+    assert torch.equal(dynamic, model.generate(**kwargs, cache_implementation="static"))
+    assert torch.equal(dynamic, model.generate(**kwargs, use_cache=False))

@@ -640,14 +640,28 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         if cache is not None and not isinstance(cache, EncoderDecoderCache):
             model_kwargs["past_key_values"] = EncoderDecoderCache(cache, DynamicCache())
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        features = model_kwargs.get("input_features")
+        if expand_size > 1 and features is not None:
+            # Beams / num_return_sequences: encode each audio once, then repeat the encoded audio instead of running
+            # the audio tower once per copy.
+            model_kwargs["audio_hidden_states"] = self.get_audio_features(
+                features, model_kwargs.get("input_features_mask")
+            )
+            model_kwargs["input_features"] = None
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+
     def _prepare_static_cache(self, *args, model_kwargs, **kwargs) -> Cache:
         self_cache = super()._prepare_static_cache(*args, model_kwargs=model_kwargs, **kwargs)
         if isinstance(self_cache, EncoderDecoderCache):
             self_cache = self_cache.self_attention_cache
-        features = model_kwargs.get("input_features")
-        if features is None:
+        features, audio = model_kwargs.get("input_features"), model_kwargs.get("audio_hidden_states")
+        if features is not None:
+            audio_len = features.shape[1] * self.config.tokens_per_window
+        elif audio is not None:
+            audio_len = audio.shape[1]
+        else:
             raise ValueError("A static cache for AudioFlamingo2 needs `input_features` to size the audio cache.")
-        audio_len = features.shape[1] * self.config.tokens_per_window
         cross = Cache(layers=[StaticLayer(max_cache_len=audio_len) for _ in self.model.cross_attention_layers])
         return EncoderDecoderCache(self_cache, cross)
 
@@ -657,6 +671,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         past_key_values=None,
         input_features=None,
         input_features_mask=None,
+        audio_hidden_states=None,
         is_first_iteration=False,
         use_cache=True,
         **kwargs,
@@ -666,6 +681,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
             past_key_values=past_key_values,
             input_features=input_features,
             input_features_mask=input_features_mask,
+            audio_hidden_states=audio_hidden_states,
             is_first_iteration=is_first_iteration,
             use_cache=use_cache,
             **kwargs,
@@ -675,6 +691,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         model_inputs["input_features_mask"] = input_features_mask
         if not is_first_iteration and use_cache:
             model_inputs["input_features"] = None
+            model_inputs["audio_hidden_states"] = None
         return model_inputs
 
 
