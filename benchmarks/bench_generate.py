@@ -46,6 +46,17 @@ def shapes(name: str) -> AudioFlamingo2Config:
     return AudioFlamingo2Config(audio_config=audio, text_config=text, **extra)
 
 
+def build_model(name: str, device: torch.device, dtype: torch.dtype) -> AudioFlamingo2ForConditionalGeneration:
+    """A random-weight model of the named shapes, gates open so that the audio path does real work."""
+    torch.manual_seed(0)
+    model = AudioFlamingo2ForConditionalGeneration(shapes(name)).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for block in model.model.cross_attention_layers:
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(0.5)
+    return model
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -98,12 +109,8 @@ def main():
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    config = shapes(args.config)
-    model = AudioFlamingo2ForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
-    for block in model.model.cross_attention_layers:  # open the gates so the audio path does real work
-        block.attn_gate.data.fill_(0.5)
-        block.ff_gate.data.fill_(0.5)
+    model = build_model(args.config, device, dtype)
+    config = model.config
     params = sum(p.numel() for p in model.parameters())
     print(f"config={args.config} params={params / 1e6:.1f}M device={device} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} steps={args.steps}")

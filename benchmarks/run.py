@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from transformers import CompileConfig
 
-from af2_hf import AudioFlamingo2FeatureExtractor, AudioFlamingo2ForConditionalGeneration
-from bench_generate import interleaved_decode, shapes, timed
+from af2_hf import AudioFlamingo2FeatureExtractor
+from bench_generate import build_model, interleaved_decode, timed
 
 
 def weight_bytes(model) -> int:
@@ -74,12 +74,7 @@ def main():
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    config = shapes(args.config)
-    model = AudioFlamingo2ForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
-    for block in model.model.cross_attention_layers:  # open the gates so the audio path does real work
-        block.attn_gate.data.fill_(0.5)
-        block.ff_gate.data.fill_(0.5)
+    model = build_model(args.config, device, dtype)
     extractor = AudioFlamingo2FeatureExtractor(max_num_windows=30)
     weights = weight_bytes(model)
     results = dict(config=args.config, device=str(device), dtype=args.dtype, weight_bytes=weights,
