@@ -18,6 +18,7 @@ import time
 import torch
 
 from af2_hf import AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration
+from af2_hf._compat import output_cache
 
 
 def shapes(name: str) -> AudioFlamingo2Config:
@@ -81,12 +82,12 @@ def interleaved_decode(model, input_ids, contexts, steps, naive):
     states = []
     for feats, mask in contexts:
         out, prefill = timed(lambda: model(input_ids=input_ids, input_features=feats, input_features_mask=mask), device)
-        states.append(dict(cache=out.past_key_values, audio=out.audio_hidden_states, mask=mask, prefill=prefill,
+        states.append(dict(cache=output_cache(out), audio=out.audio_hidden_states, mask=mask, prefill=prefill,
                            token=out.logits[:, -1:].argmax(-1), times=[]))
     attention = torch.ones(input_ids.shape[0], input_ids.shape[1] + steps + 1, dtype=torch.long, device=device)
     for i in range(steps):
         for state in states:
-            kwargs = dict(input_ids=state["token"], past_key_values=state["cache"], input_features_mask=state["mask"],
+            kwargs = dict(input_ids=state["token"], cache=state["cache"], input_features_mask=state["mask"],
                           attention_mask=attention[:, : input_ids.shape[1] + i + 1])
             if naive:  # re-project every audio token in every cross-attention layer at every step
                 kwargs["audio_hidden_states"] = state["audio"]

@@ -3,8 +3,10 @@ masking of padded windows, layouts (cross-attention every n layers, untied embed
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from af2_hf import AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model
+from af2_hf._compat import output_cache
 from af2_testing import random_features, random_model, tiny_config
 
 
@@ -71,18 +73,29 @@ def test_padded_windows_do_not_change_a_sample():
     torch.testing.assert_close(alone, with_pad, rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_plus_cached_steps_equal_full_forward():
+@pytest.mark.parametrize("cache_arg", ["cache", "past_key_values"])
+def test_prefill_plus_cached_steps_equal_full_forward(cache_arg):
+    """Either spelling of the cache argument (transformers >= 5.24 `cache`, older `past_key_values`) works."""
     model = random_model()
     x = inputs(batch=2, seq=12)
     with torch.no_grad():
         full = model(**x, use_cache=False).logits
         out = model(**{**x, "input_ids": x["input_ids"][:, :8]}, use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = output_cache(out), [out.logits]
+        assert isinstance(cache, EncoderDecoderCache)
         for t in range(8, 12):
-            out = model(input_ids=x["input_ids"][:, t:t + 1], past_key_values=cache,
-                        input_features_mask=x["input_features_mask"])
+            out = model(input_ids=x["input_ids"][:, t:t + 1], input_features_mask=x["input_features_mask"],
+                        **{cache_arg: cache})
+            assert output_cache(out) is cache
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_two_different_caches_are_refused():
+    model = random_model()
+    x = inputs(batch=1, seq=4)
+    with pytest.raises(ValueError, match="either `cache` or `past_key_values`"):
+        model(**x, cache=DynamicCache(), past_key_values=DynamicCache())
 
 
 def test_cross_attention_every_second_layer_and_untied_embeddings():

@@ -27,6 +27,7 @@ CODE_FILES = {
     "audio.py",
     "pipeline_audio_question_answering.py",
     "soundcot.py",
+    "_compat.py",
 }
 
 

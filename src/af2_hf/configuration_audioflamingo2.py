@@ -2,7 +2,53 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.auto import CONFIG_MAPPING
+
+from ._compat import SubConfigSpec
+
+
+_AUDIO_DEFAULTS = {
+    "model_type": "clap_audio_model",
+    "patch_embeds_hidden_size": 256,
+    "depths": [2, 2, 12, 2],
+    "num_attention_heads": [4, 8, 16, 32],
+    "enable_fusion": False,
+    "hidden_size": 2048,
+}
+_TEXT_DEFAULTS = {
+    "model_type": "qwen2",
+    "vocab_size": 151669,
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+
+
+def _sub_config_specs() -> dict:
+    specs = {}
+    for key, defaults in (("audio_config", _AUDIO_DEFAULTS), ("text_config", _TEXT_DEFAULTS)):
+        init_kwargs = {k: v for k, v in defaults.items() if k != "model_type"}
+        specs[key] = SubConfigSpec(config_class=AutoConfig, model_type=defaults["model_type"], init_kwargs=init_kwargs)
+    return specs
+
+
+def _build_sub_config(value, defaults: dict) -> PreTrainedConfig:
+    """transformers releases without ``SubConfigSpec``: a dict or ``None`` becomes the sub-config as the newer
+    releases build it from ``sub_configs_defaults`` (``None``: the AF2-3B defaults; a dict: its own values on the
+    sub-config's defaults)."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    kwargs = dict(defaults) if value is None else {"model_type": defaults["model_type"], **value}
+    return CONFIG_MAPPING[kwargs.pop("model_type")](**kwargs)
 
 
 @strict
@@ -34,37 +80,10 @@ class AudioFlamingo2Config(PreTrainedConfig):
     """
 
     model_type = "audioflamingo2"
-    sub_configs_defaults = {
-        "audio_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clap_audio_model",
-            init_kwargs={
-                "patch_embeds_hidden_size": 256,
-                "depths": [2, 2, 12, 2],
-                "num_attention_heads": [4, 8, 16, 32],
-                "enable_fusion": False,
-                "hidden_size": 2048,
-            },
-        ),
-        "text_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="qwen2",
-            init_kwargs={
-                "vocab_size": 151669,
-                "hidden_size": 2048,
-                "intermediate_size": 11008,
-                "num_hidden_layers": 36,
-                "num_attention_heads": 16,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 32768,
-                "rms_norm_eps": 1e-6,
-                "rope_theta": 1000000.0,
-                "tie_word_embeddings": True,
-                "bos_token_id": 151643,
-                "eos_token_id": 151643,
-            },
-        ),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = _sub_config_specs()
+    else:  # pragma: no cover - transformers releases before SubConfigSpec
+        sub_configs = {"audio_config": AutoConfig, "text_config": AutoConfig}
 
     audio_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -88,6 +107,9 @@ class AudioFlamingo2Config(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:  # pragma: no cover - transformers releases before SubConfigSpec
+            self.audio_config = _build_sub_config(self.audio_config, _AUDIO_DEFAULTS)
+            self.text_config = _build_sub_config(self.text_config, _TEXT_DEFAULTS)
         super().__post_init__(**kwargs)
         # Tied embeddings follow the language model, as in Llava.
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)

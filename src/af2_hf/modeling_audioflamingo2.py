@@ -20,6 +20,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Decode
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
+from ._compat import CACHE_KEY, output_cache, pick_cache
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 
 
@@ -285,7 +286,7 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
         "AudioFlamingo2AudioTransformerLayer",
         "ClapAudioStage",
     ]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = False
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -446,10 +447,11 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         input_features_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         audio_hidden_states: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> AudioFlamingo2ModelOutputWithPast:
         r"""
@@ -460,7 +462,12 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
             1 for real windows, 0 for padding windows. Keep passing it at every decoding step.
         audio_hidden_states (`torch.FloatTensor`, *optional*):
             Pre-computed output of [`~AudioFlamingo2Model.get_audio_features`], instead of `input_features`.
+        cache (`Cache`, *optional*):
+            The decoding cache (`past_key_values` is accepted too: the name transformers used before 5.24). An
+            [`~cache_utils.EncoderDecoderCache`] whose cross-attention part holds the projected audio keys/values;
+            any other cache is wrapped in one.
         """
+        cache = pick_cache(cache, past_key_values)
         text_config = self.config.text_config
         use_cache = use_cache if use_cache is not None else text_config.use_cache
         if use_cache and self.training and any(block.gradient_checkpointing for block in self.cross_attention_layers):
@@ -478,12 +485,12 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
             inputs_embeds = lm.embed_tokens(input_ids)
         batch = inputs_embeds.shape[0]
 
-        if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(config=text_config), DynamicCache())
-        elif past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
-            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache())
-        self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
-        cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=text_config), DynamicCache())
+        elif cache is not None and not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache())
+        self_cache = cache.self_attention_cache if cache is not None else None
+        cross_cache = cache.cross_attention_cache if cache is not None else None
 
         num_blocks = len(self.cross_attention_layers)
         if input_features is not None:
@@ -500,7 +507,7 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                 for layer in cross_cache.layers[:num_blocks]:
                     layer.reset()
             num_audio_tokens = audio_hidden_states.shape[1]
-        elif _cross_attention_cache_filled(past_key_values, num_blocks):
+        elif _cross_attention_cache_filled(cache, num_blocks):
             num_audio_tokens = cross_cache.layers[0].keys.shape[-2]
         else:
             num_audio_tokens = None
@@ -525,7 +532,7 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                 "config": text_config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": self_cache,
+                CACHE_KEY: self_cache,
                 "position_ids": position_ids,
             }
             causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -548,15 +555,15 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                 attention_mask=causal_mask_mapping[text_config.layer_types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=self_cache,
                 use_cache=use_cache,
+                **{CACHE_KEY: self_cache},
                 **kwargs,
             )
         hidden_states = lm.norm(hidden_states)
         return AudioFlamingo2ModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             audio_hidden_states=audio_hidden_states,
+            **{CACHE_KEY: cache if use_cache else None},
         )
 
 
@@ -592,12 +599,13 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         input_features_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         audio_hidden_states: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> AudioFlamingo2CausalLMOutputWithPast:
         r"""
@@ -611,7 +619,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
             input_features_mask=input_features_mask,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             audio_hidden_states=audio_hidden_states,
             use_cache=use_cache,
@@ -626,19 +634,19 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         return AudioFlamingo2CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             audio_hidden_states=outputs.audio_hidden_states,
+            **{CACHE_KEY: output_cache(outputs)},
         )
 
     # -- generation -----------------------------------------------------------------------------------------------
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_KEY)
         if cache is not None and not isinstance(cache, EncoderDecoderCache):
-            model_kwargs["past_key_values"] = EncoderDecoderCache(cache, DynamicCache())
+            model_kwargs[CACHE_KEY] = EncoderDecoderCache(cache, DynamicCache())
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         features = model_kwargs.get("input_features")
@@ -668,7 +676,6 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        past_key_values=None,
         input_features=None,
         input_features_mask=None,
         audio_hidden_states=None,
@@ -678,7 +685,6 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     ):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
             input_features=input_features,
             input_features_mask=input_features_mask,
             audio_hidden_states=audio_hidden_states,
