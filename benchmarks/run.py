@@ -7,8 +7,11 @@ Measures, on random weights of a chosen size (no download):
   * decode ms/token and tokens/s at batch 1 and batch 16 (dynamic cache; static cache + torch.compile with --compile),
   * the naive path (audio K/V re-projected at every step, as the original does) vs the cached one, and the ratio
     decode(300 s) / decode(10 s) at batch 1 (target <= 1.15),
-  * peak memory vs weight bytes (CUDA: max_memory_allocated; CPU: peak RSS of the process),
-  * on CUDA, the decode floor = weight bytes / measured device copy bandwidth, and achieved / floor.
+  * peak memory of a batch-1 generate on 300 s of audio vs weight bytes (CUDA: max_memory_allocated since a reset;
+    CPU: peak RSS of the whole process, an upper bound),
+  * on CUDA, the decode floor = bytes one decode step must read (the weights it uses: language model, lm_head,
+    cross-attention blocks without their audio K/V projection; plus the self- and cross-attention caches) /
+    measured device copy bandwidth, and achieved / floor; the looser floor from all weight bytes is printed too.
 
     python benchmarks/run.py --config tiny
     python benchmarks/run.py --config 0.5b --json out.json
@@ -18,17 +21,44 @@ Measures, on random weights of a chosen size (no download):
 import argparse
 import json
 import resource
+import statistics
+import time
 
 import numpy as np
 import torch
 from transformers import CompileConfig
+from transformers.generation.streamers import BaseStreamer
 
 from af2_hf import AudioFlamingo2FeatureExtractor
-from bench_generate import build_model, interleaved_decode, timed
+from bench_generate import build_model, interleaved_decode, sync, timed
 
 
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of the weights a cached decode step reads: everything but the audio tower, the audio transformer and
+    the cross-attention audio K/V projections (used at prefill only). Tied weights count once."""
+    skip = {id(p) for module in (model.model.audio_tower, model.model.audio_transformer) for p in module.parameters()}
+    skip |= {id(block.to_kv.weight) for block in model.model.cross_attention_layers}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+
+
+def cache_bytes(model, batch, text_tokens, audio_tokens, dtype) -> int:
+    """Bytes of the self-attention cache (text_tokens) and the cross-attention cache (audio_tokens) read per step."""
+    text, element = model.config.text_config, torch.empty((), dtype=dtype).element_size()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    self_attention = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * text_tokens
+    blocks = len(model.model.cross_attention_layers)
+    cross = 2 * blocks * model.config.cross_attention_num_heads * model.config.cross_attention_head_dim * audio_tokens
+    return batch * element * (self_attention + cross)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_bytes(device) -> int:
@@ -46,19 +76,37 @@ def copy_bandwidth(device, megabytes=1024, repeats=10) -> float:
     return 2 * src.numel() / seconds
 
 
+class StepTimer(BaseStreamer):
+    """Streamer that records when generate() hands over each new token (after a device sync)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def put(self, value):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 @torch.inference_mode()
 def generate_ms_per_token(model, inputs, tokens, compile_config=None, repeats=3):
-    """ms/token of the decode phase: (t(N new tokens) - t(1 new token)) / (N - 1), greedy, fixed length."""
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    """Median ms between consecutive new tokens of a greedy, fixed-length generate() (the decode phase, generate's
+    own per-step work included; the prompt and the first token, i.e. the prefill, are excluded)."""
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=tokens, min_new_tokens=tokens)
     if compile_config is not None:
         kwargs.update(cache_implementation="static", compile_config=compile_config)
     device = inputs["input_ids"].device
     for _ in range(2):  # warm-up (and compilation)
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
-    _, one = timed(lambda: model.generate(**inputs, max_new_tokens=1, **kwargs), device, repeats)
-    _, many = timed(lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs),
-                    device, repeats)
-    return 1000 * (many - one) / (tokens - 1)
+        model.generate(**inputs, **kwargs)
+    gaps = []
+    for _ in range(repeats):
+        timer = StepTimer(device)
+        model.generate(**inputs, streamer=timer, **kwargs)
+        # times[0]: the prompt, times[1]: the first new token (prefill); later gaps are decode steps
+        gaps += [later - earlier for earlier, later in zip(timer.times[1:], timer.times[2:])]
+    return 1000 * statistics.median(gaps)
 
 
 def main():
@@ -125,26 +173,44 @@ def main():
     if args.compile:
         compile_config = CompileConfig(fullgraph=True, dynamic=False)
         compile_config._compile_all_devices = True
-    for batch in args.batch:
-        feats, mask = contexts[10]
-        inputs = dict(input_ids=prompt.expand(batch, -1).contiguous(), attention_mask=torch.ones_like(
-            prompt.expand(batch, -1)), input_features=feats.expand(batch, -1, -1, -1).contiguous(),
-            input_features_mask=mask.expand(batch, -1).contiguous())
-        ms = generate_ms_per_token(model, inputs, args.steps)
-        add(f"generate b{batch} 10s dynamic cache", ms, "ms/token", f"{batch * 1000 / ms:.1f} tokens/s")
-        if compile_config is not None:
-            ms_c = generate_ms_per_token(model, inputs, args.steps, compile_config)
-            add(f"generate b{batch} 10s static+compile", ms_c, "ms/token", f"{batch * 1000 / ms_c:.1f} tokens/s")
-            if device.type == "cuda" and batch == 1:
-                bandwidth = copy_bandwidth(device)
-                floor_ms = 1000 * weights / bandwidth
-                add("decode floor (weights / copy bandwidth)", floor_ms, "ms/token",
-                    f"bandwidth {bandwidth / 1e9:.0f} GB/s")
-                add("achieved / floor (b1 static+compile)", floor_ms / ms_c, "x", "target >= 0.70")
 
+    def batch_inputs(seconds, batch):
+        feats, mask = contexts[seconds]
+        ids = prompt.expand(batch, -1).contiguous()
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    input_features=feats.expand(batch, -1, -1, -1).contiguous(),
+                    input_features_mask=mask.expand(batch, -1).contiguous())
+
+    # Memory first, before larger batches and compiled graphs raise the process peak: batch 1, 300 s of audio.
+    reset_peak_memory(device)
+    with torch.inference_mode():
+        model.generate(**batch_inputs(300, 1), max_new_tokens=args.steps, do_sample=False, pad_token_id=0,
+                       eos_token_id=None)
     peak = peak_memory_bytes(device)
-    add("peak memory", peak / 2**30, "GiB", "process RSS" if device.type == "cpu" else "max_memory_allocated")
+    add("peak memory b1 300s generate", peak / 2**30, "GiB",
+        "process peak RSS (upper bound)" if device.type == "cpu" else "max_memory_allocated")
     add("peak memory / weights", peak / weights, "x", "target <= 1.15 (GPU, batch 1)")
+
+    floor_bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    for batch in args.batch:
+        for seconds in (10, 300) if batch == 1 else (10,):
+            inputs = batch_inputs(seconds, batch)
+            ms = generate_ms_per_token(model, inputs, args.steps)
+            add(f"generate b{batch} {seconds}s dynamic cache", ms, "ms/token", f"{batch * 1000 / ms:.1f} tokens/s")
+            if compile_config is None:
+                continue
+            ms_c = generate_ms_per_token(model, inputs, args.steps, compile_config)
+            add(f"generate b{batch} {seconds}s static+compile", ms_c, "ms/token", f"{batch * 1000 / ms_c:.1f} tokens/s")
+            if floor_bandwidth is not None and batch == 1:
+                audio_tokens = contexts[seconds][0].shape[1] * model.config.tokens_per_window
+                read = decode_weight_bytes(model) + cache_bytes(
+                    model, batch, args.prompt_tokens + args.steps, audio_tokens, dtype)
+                floor_ms = 1000 * read / floor_bandwidth
+                add(f"decode floor b1 {seconds}s (bytes read / bandwidth)", floor_ms, "ms/token",
+                    f"{read / 2**30:.2f} GiB read per step at {floor_bandwidth / 1e9:.0f} GB/s")
+                add(f"achieved / floor (b1 {seconds}s static+compile)", floor_ms / ms_c, "x", "target >= 0.70")
+                add(f"achieved / all-weights floor (b1 {seconds}s)", 1000 * weights / floor_bandwidth / ms_c, "x",
+                    "floor from every weight byte (looser)")
 
     width = max(len(r["name"]) for r in rows)
     print()

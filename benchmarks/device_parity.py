@@ -1,0 +1,161 @@
+"""Golden parity on a device (CUDA checks for machines with a GPU; also runs on CPU).
+
+Converts the golden original release (../shared/golden/tiny, or --golden), loads it on --device and compares every
+stage with the original implementation's outputs: log-mel features computed on the device from the waveform,
+AF-CLAP output, audio embeddings, logits (single, padded batch), greedy ids and step logits, beam ids; in float32
+(the project bar: ||err|| / ||ref|| <= 1e-4 per stage, ids exact) and, for information, the same model in bfloat16
+(agreement of the greedy ids and relative logit error; not a pass/fail criterion). Also runs greedy decoding with a
+static cache + fullgraph torch.compile on the device and checks its ids against the golden ones.
+
+    python benchmarks/device_parity.py --device cuda --json parity.json
+    python benchmarks/device_parity.py --device cpu --no-compile
+
+Exits 1 when a float32 check fails.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import CompileConfig
+
+from af2_hf import AudioFlamingo2FeatureExtractor, AudioFlamingo2ForConditionalGeneration
+from af2_hf._compat import output_cache
+from af2_hf.convert_af2 import convert_af2_checkpoint
+
+TOL = 1e-4
+
+
+def rel(actual, expected) -> float:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--golden", default=str(Path(__file__).resolve().parents[1].parent / "shared/golden/tiny"))
+    parser.add_argument("--no-compile", action="store_true", help="skip the static cache + torch.compile check")
+    parser.add_argument("--json", default="device_parity.json")
+    args = parser.parse_args()
+
+    golden_dir, device = Path(args.golden), torch.device(args.device)
+    golden = load_file(str(golden_dir / "expected.safetensors"))
+    spec = json.loads((golden_dir / "expected.json").read_text())
+    greedy_kwargs = dict(spec["generation"]["greedy"])
+    beam_kwargs = {k: v for k, v in spec["generation"]["beam"].items() if k != "case"}
+    out_dir = Path(tempfile.mkdtemp(prefix="af2_parity_")) / "converted"
+    convert_af2_checkpoint(golden_dir / "original", golden_dir / "base_lm", out_dir, dtype="float32")
+    extractor = AudioFlamingo2FeatureExtractor.from_pretrained(out_dir)
+
+    rows, failures = [], []
+
+    def check(name, value, ok, unit="rel"):
+        rows.append(dict(check=name, value=value, unit=unit, ok=ok))
+        if not ok:
+            failures.append(name)
+
+    def on_device(case, dtype):
+        mel = golden[f"{case}.mel"][None].to(device=device, dtype=dtype)
+        return dict(input_ids=golden[f"{case}.input_ids"].to(device), input_features=mel,
+                    input_features_mask=golden[f"{case}.window_mask"][None].to(device))
+
+    for dtype_name in ("float32", "bfloat16"):
+        dtype = getattr(torch, dtype_name)
+        model = AudioFlamingo2ForConditionalGeneration.from_pretrained(out_dir, dtype=dtype).to(device).eval()
+        strict = dtype_name == "float32"
+        for case in ("a", "b", "c"):
+            inputs = on_device(case, dtype)
+            with torch.inference_mode():
+                if strict:
+                    feats = extractor(golden[f"{case}.waveform"].numpy(), sampling_rate=extractor.sampling_rate,
+                                      return_tensors="pt", device=str(device))
+                    mel_err = rel(feats["input_features"][0], golden[f"{case}.mel"])
+                    check(f"{case} log-mel on {device.type}", mel_err, mel_err <= TOL)
+                    clap = model.model.audio_tower(inputs["input_features"][0][:, None])
+                    clap = clap.last_hidden_state.flatten(2).transpose(1, 2)
+                    err = rel(clap, golden[f"{case}.clap_out"])
+                    check(f"{case} clap_out", err, err <= TOL)
+                audio = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+                err = rel(audio, golden[f"{case}.audio_embeds"])
+                check(f"{case} audio_embeds {dtype_name}", err, err <= TOL or not strict)
+                logits = model(**inputs).logits
+                err = rel(logits, golden[f"{case}.logits"])
+                check(f"{case} logits {dtype_name}", err, err <= TOL or not strict)
+                out = model.generate(**inputs, **greedy_kwargs, output_logits=True, return_dict_in_generate=True)
+                expected = golden[f"{case}.greedy_ids"]
+                same = out.sequences.shape == expected.shape and torch.equal(out.sequences.cpu(), expected)
+                agree = (out.sequences.cpu()[0, : expected.shape[1]] == expected[0, : out.sequences.shape[1]]).float()
+                check(f"{case} greedy ids {dtype_name}", agree.mean().item(), same or not strict, "agreement")
+                if strict:
+                    steps = torch.cat(out.logits).float()
+                    err = rel(steps, golden[f"{case}.greedy_step_logits"])
+                    check(f"{case} greedy step logits", err, err <= TOL)
+        if strict:
+            with torch.inference_mode():
+                out = model.generate(**on_device("a", dtype), **beam_kwargs)
+            check("a beam ids", float(torch.equal(out.cpu(), golden["a.beam_ids"])),
+                  torch.equal(out.cpu(), golden["a.beam_ids"]), "exact")
+            # padded batch (a, b): right-padded windows, left-padded text, attended positions only
+            windows = golden["b.mel"].shape[0]
+            feats = torch.full((2, windows, 1001, 64), -100.0)
+            mask = torch.zeros(2, windows, dtype=torch.long)
+            for i, case in enumerate(("a", "b")):
+                n = golden[f"{case}.mel"].shape[0]
+                feats[i, :n], mask[i, :n] = golden[f"{case}.mel"], 1
+            attention = golden["batch.attention_mask"]
+            with torch.inference_mode():
+                out = model(input_ids=golden["batch.input_ids"].to(device), attention_mask=attention.to(device),
+                            input_features=feats.to(device), input_features_mask=mask.to(device))
+            err = rel(out.logits.cpu()[attention.bool()], golden["batch.logits"][attention.bool()])
+            check("batch logits (attended)", err, err <= TOL)
+            if device.type == "cuda":
+                # A cached decode step must not synchronise with the host: run three under sync-debug "error".
+                inputs = on_device("c", dtype)
+                with torch.inference_mode():
+                    out = model(**inputs)
+                    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+                    attention = torch.ones(1, inputs["input_ids"].shape[1] + 3, dtype=torch.long, device=device)
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        for step in range(3):
+                            length = inputs["input_ids"].shape[1] + step + 1
+                            position = torch.full((1, 1), length - 1, dtype=torch.long, device=device)
+                            out = model(input_ids=token, cache=cache, attention_mask=attention[:, :length],
+                                        position_ids=position, input_features_mask=inputs["input_features_mask"])
+                            token = out.logits[:, -1:].argmax(-1)
+                        synced = None
+                    except RuntimeError as error:
+                        synced = str(error).splitlines()[0]
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                check("decode step without host sync", float(synced is None), synced is None,
+                      "ok" if synced is None else synced)
+            if not args.no_compile:
+                config = CompileConfig(fullgraph=True)
+                config._compile_all_devices = True
+                with torch.inference_mode():
+                    out = model.generate(**on_device("a", dtype), **greedy_kwargs, cache_implementation="static",
+                                         compile_config=config)
+                ok = torch.equal(out.cpu(), golden["a.greedy_ids"])
+                check("a greedy ids static+compile", float(ok), ok, "exact")
+        del model
+
+    width = max(len(r["check"]) for r in rows)
+    print(f"device={device} torch={torch.__version__}")
+    print(f"| {'check':<{width}} | value | unit | ok |")
+    print(f"|{'-' * (width + 2)}|---|---|---|")
+    for r in rows:
+        print(f"| {r['check']:<{width}} | {r['value']:.3g} | {r['unit']} | {'yes' if r['ok'] else 'NO'} |")
+    Path(args.json).write_text(json.dumps(dict(device=str(device), rows=rows, failures=failures), indent=1))
+    print(f"\n{len(rows) - len(failures)} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end (tiny shapes, CPU) and report what they promise; the device parity script
+passes on CPU against the golden data. Speed itself is never asserted here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from af2_testing import REPO_ROOT, golden_dir
+
+BENCH = REPO_ROOT / "benchmarks"
+
+
+def run_script(name, *args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    result = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_benchmark_suite_tiny_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    stdout = run_script("run.py", "--config", "tiny", "--steps", "3", "--batch", "1", "2", "--compile",
+                        "--json", str(out), cwd=tmp_path)
+    results = json.loads(out.read_text())
+    names = {row["name"]: row for row in results["rows"]}
+    for expected in ("features 10s", "features 300s", "audio encoding 300s", "time to first token 300s",
+                     "decode b1 10s (cached audio K/V)", "decode b1 300s naive (K/V recomputed)",
+                     "ratio decode(300s)/decode(10s)", "speed-up cached vs naive at 300s",
+                     "peak memory b1 300s generate", "peak memory / weights", "generate b1 10s dynamic cache",
+                     "generate b1 300s static+compile", "generate b2 10s static+compile"):
+        assert expected in names, expected
+        assert names[expected]["value"] > 0, expected
+    assert results["weight_bytes"] > 0
+    assert "| ratio decode(300s)/decode(10s)" in stdout
+
+
+def test_device_parity_script_passes_on_cpu(tmp_path):
+    out = tmp_path / "parity.json"
+    stdout = run_script("device_parity.py", "--device", "cpu", "--golden", str(golden_dir()), "--json", str(out),
+                        cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report["failures"] == [], report["failures"]
+    checks = {row["check"] for row in report["rows"]}
+    assert {"a log-mel on cpu", "c clap_out", "b logits float32", "c greedy ids float32", "a beam ids",
+            "batch logits (attended)", "a greedy ids static+compile", "a greedy ids bfloat16"} <= checks
+    assert f"{len(report['rows'])} passed, 0 failed" in stdout
