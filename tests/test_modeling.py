@@ -1,6 +1,8 @@
 """Model behaviour on small random configs: construction from config, cache/prefill equivalence, gates, embeddings,
 masking of padded windows, layouts (cross-attention every n layers, untied embeddings) and input validation."""
 
+import copy
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -89,6 +91,22 @@ def test_prefill_plus_cached_steps_equal_full_forward(cache_arg):
             assert output_cache(out) is cache
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_audio_given_again_replaces_the_cached_audio_keys_values():
+    """Passing audio_hidden_states at a decode step re-projects the audio (the naive path): the step's logits equal
+    the cached step's, and the cross-attention cache still holds one copy of the audio."""
+    model = random_model()
+    x = inputs(batch=1, seq=6)
+    with torch.no_grad():
+        out = model(**x)
+        audio, mask = out.audio_hidden_states, x["input_features_mask"]
+        token = out.logits[:, -1:].argmax(-1)
+        cached = model(input_ids=token, cache=copy.deepcopy(output_cache(out)), input_features_mask=mask)
+        cache = output_cache(out)
+        naive = model(input_ids=token, cache=cache, input_features_mask=mask, audio_hidden_states=audio)
+    torch.testing.assert_close(naive.logits, cached.logits, rtol=1e-5, atol=1e-5)
+    assert all(layer.keys.shape[-2] == audio.shape[1] for layer in cache.cross_attention_cache.layers)
 
 
 def test_two_different_caches_are_refused():

@@ -2,6 +2,8 @@
 generation accuracy in evaluate(), resume from a checkpoint, activation (gradient) checkpointing through the Trainer
 arguments."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -158,6 +160,11 @@ def test_resume_from_checkpoint_continues_identically(tmp_path, processor, wav_r
                            start["model.audio_transformer.layers.0.fc1.weight"])
 
 
+# transformers >= 5.23 calls it activation_checkpointing; older releases gradient_checkpointing.
+CHECKPOINTING_ARG = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                         if name in {field.name for field in dataclasses.fields(TrainingArguments)})
+
+
 def test_activation_checkpointing_through_trainer_args_gives_same_loss_and_gradients(tmp_path, processor, wav_rows):
     # Plain SGD: the parameter change of each step is -lr * gradient, so equal updates mean equal gradients.
     dataset = Dataset.from_list(wav_rows)
@@ -171,7 +178,7 @@ def test_activation_checkpointing_through_trainer_args_gives_same_loss_and_gradi
         trainer = AudioFlamingo2Trainer(
             model=model,
             args=arguments(tmp_path / str(checkpointing), max_steps=2, optim="sgd", learning_rate=lr,
-                           lr_scheduler_type="constant", activation_checkpointing=checkpointing),
+                           lr_scheduler_type="constant", **{CHECKPOINTING_ARG: checkpointing}),
             train_dataset=dataset,
             data_collator=AudioFlamingo2DataCollator(processor, max_length=64),
         )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -250,6 +250,16 @@ class AudioFlamingo2GatedCrossAttentionBlock(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.attn_gate.tanh() * attn_output
         ff_output = self.ff_out(self.ff_act(self.ff_in(self.ff_norm(hidden_states))))
         return hidden_states + self.ff_gate.tanh() * ff_output
+
+
+def _clear_cache_layer(layer) -> None:
+    """Empty a cross-attention cache layer so that the next `update` stores (not appends) the new audio K/V."""
+    layer.reset()
+    if isinstance(layer, DynamicLayer) and layer.is_initialized:
+        # transformers < 5.2x: DynamicLayer.reset() zeroes the tensors and keeps them, and update() would then append
+        # to them; drop them, as newer releases' reset() does.
+        layer.keys = layer.values = None
+        layer.is_initialized = False
 
 
 def _cross_attention_cache_filled(cache: EncoderDecoderCache | None, num_blocks: int) -> bool:
@@ -505,7 +515,7 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
             if cross_cache is not None:
                 # A new audio replaces whatever the cache held (projected once, reused at every later step).
                 for layer in cross_cache.layers[:num_blocks]:
-                    layer.reset()
+                    _clear_cache_layer(layer)
             num_audio_tokens = audio_hidden_states.shape[1]
         elif _cross_attention_cache_filled(cache, num_blocks):
             num_audio_tokens = cross_cache.layers[0].keys.shape[-2]

@@ -360,7 +360,10 @@ class AudioQuestionAnsweringPipeline(Pipeline):
         generate_kwargs = dict(generate_kwargs or {})
         if soundcot and "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = SOUNDCOT_MAX_NEW_TOKENS
-        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        if hasattr(self, "_prepare_generate_kwargs"):  # transformers >= 5.20
+            generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        elif "generation_config" not in generate_kwargs:  # older: the pipeline's prepared generation config
+            generate_kwargs["generation_config"] = self.generation_config
         model_inputs = {}
         for key, value in batch["model_inputs"].items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():

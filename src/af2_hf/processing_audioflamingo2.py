@@ -86,8 +86,19 @@ class AudioFlamingo2AudioKwargs(AudioKwargs, total=False):
     max_num_windows: int | None
 
 
+_TEXT_DEFAULTS = {
+    "padding": "longest",
+    "padding_side": "left",
+    "truncation": True,
+    "max_length": 512,
+    "add_special_tokens": False,
+}
+
+
 class AudioFlamingo2ProcessorKwargs(ProcessingKwargs, total=False):
     audio_kwargs: AudioFlamingo2AudioKwargs
+    # transformers < 5.2x reads the defaults from here only; newer releases from the processor's class attributes.
+    _defaults = {"text_kwargs": _TEXT_DEFAULTS, "audio_kwargs": {}}
 
 
 def _is_single_waveform(audio) -> bool:
@@ -144,13 +155,7 @@ class AudioFlamingo2Processor(ProcessorMixin):
     """
 
     valid_processor_kwargs = AudioFlamingo2ProcessorKwargs
-    text_kwargs = {
-        "padding": "longest",
-        "padding_side": "left",
-        "truncation": True,
-        "max_length": 512,
-        "add_special_tokens": False,
-    }
+    text_kwargs = _TEXT_DEFAULTS
     audio_kwargs = {}
 
     def __init__(
