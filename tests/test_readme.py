@@ -40,6 +40,9 @@ def test_setup_and_test_commands_are_what_ci_runs():
     assert SETUP in blocks and [TEST_COMMAND] in blocks
     ci_commands = [line for line in ci if line.startswith(("pip ", "python "))]
     assert ci_commands == SETUP + [TEST_COMMAND]
+    # ... then the same suite against the lowest transformers setup.cfg allows (in a venv, see the script).
+    assert ci[-1] == "bash .ci/lower-bound.sh"
+    assert "transformers>=" in (REPO_ROOT / "setup.cfg").read_text()
     # Nowhere else in the README are packages installed or the tests run.
     flat = [command for block in blocks for command in block]
     assert [c for c in flat if c.startswith("pip ")] == SETUP and flat.count(TEST_COMMAND) == 1
