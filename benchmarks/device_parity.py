@@ -1,7 +1,8 @@
 """Golden parity on a device (CUDA checks for machines with a GPU; also runs on CPU).
 
 Converts the golden original release (../shared/golden/tiny, or --golden), loads it on --device and compares every
-stage with the original implementation's outputs: log-mel features computed on the device from the waveform,
+stage with the original implementation's outputs: log-mel features computed on the device from the waveform (also from a
+waveform tensor already there),
 AF-CLAP output, audio embeddings, logits (single, padded batch), greedy ids and step logits, beam ids; in float32
 (the project bar: ||err|| / ||ref|| <= 1e-4 per stage, ids exact) and, for information, the same model in bfloat16
 (agreement of the greedy ids and relative logit error; not a pass/fail criterion). Also runs greedy decoding with a
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import CompileConfig
+from transformers import CompileConfig, pipeline
 
-from af2_hf import AudioFlamingo2FeatureExtractor, AudioFlamingo2ForConditionalGeneration
+from af2_hf import AudioFlamingo2FeatureExtractor, AudioFlamingo2ForConditionalGeneration, AudioQuestionAnsweringPipeline
 from af2_hf._compat import output_cache
 from af2_hf.convert_af2 import convert_af2_checkpoint
 
@@ -76,6 +77,12 @@ def main() -> int:
                                       return_tensors="pt", device=str(device))
                     mel_err = rel(feats["input_features"][0], golden[f"{case}.mel"])
                     check(f"{case} log-mel on {device.type}", mel_err, mel_err <= TOL)
+                    # a waveform tensor already on the device: features computed (and returned) there, unchanged
+                    resident = extractor(golden[f"{case}.waveform"].to(device), sampling_rate=extractor.sampling_rate,
+                                         return_tensors="pt")["input_features"]
+                    same = resident.device == feats["input_features"].device and torch.equal(
+                        resident, feats["input_features"])
+                    check(f"{case} log-mel from a {device.type} tensor stays there", float(same), same, "exact")
                     clap = model.model.audio_tower(inputs["input_features"][0][:, None])
                     clap = clap.last_hidden_state.flatten(2).transpose(1, 2)
                     err = rel(clap, golden[f"{case}.clap_out"])
@@ -145,6 +152,14 @@ def main() -> int:
                 ok = torch.equal(out.cpu(), golden["a.greedy_ids"])
                 check("a greedy ids static+compile", float(ok), ok, "exact")
         del model
+
+    # The audio-question-answering pipeline on the device, from the golden audio file to the golden answer.
+    pipe = pipeline("audio-question-answering", model=str(out_dir), device=device,
+                    pipeline_class=AudioQuestionAnsweringPipeline)
+    answer = pipe(str(golden_dir / "audio" / spec["audio_files"]["a"]["file"]), question=spec["prompts"]["a"],
+                  do_sample=False, max_new_tokens=greedy_kwargs["max_new_tokens"])["answer"]
+    ok = answer == spec["decoded"]["a.greedy"]
+    check(f"pipeline answer on {device.type}", float(ok), ok, "exact")
 
     width = max(len(r["check"]) for r in rows)
     print(f"device={device} torch={torch.__version__}")

@@ -45,5 +45,14 @@ def test_device_parity_script_passes_on_cpu(tmp_path):
     assert report["failures"] == [], report["failures"]
     checks = {row["check"] for row in report["rows"]}
     assert {"a log-mel on cpu", "c clap_out", "b logits float32", "c greedy ids float32", "a beam ids",
-            "batch logits (attended)", "a greedy ids static+compile", "a greedy ids bfloat16"} <= checks
+            "batch logits (attended)", "a greedy ids static+compile", "a greedy ids bfloat16",
+            "b log-mel from a cpu tensor stays there", "pipeline answer on cpu"} <= checks
     assert f"{len(report['rows'])} passed, 0 failed" in stdout
+
+
+def test_gpu_checks_script_is_valid_bash():
+    """benchmarks/gpu_checks.sh needs a GPU to run; here its syntax and the scripts it calls are checked."""
+    script = BENCH / "gpu_checks.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    for called in ("device_parity.py", "run.py"):
+        assert f"benchmarks/{called}" in script.read_text() and (BENCH / called).is_file()

@@ -29,7 +29,7 @@ class AudioLoadError(ValueError):
     """An audio source could not be read: missing, unreadable, unsupported, corrupt, empty or non-finite."""
 
 
-def peak_normalize(waveform: np.ndarray) -> np.ndarray:
+def peak_normalize(waveform):
     """Peak normalisation of the original AF2 ``read_audio``, in the dtype of ``waveform``.
 
     A signal with a negative sample is divided by its peak magnitude (the peak becomes exactly +-1). A signal without
@@ -41,19 +41,20 @@ def peak_normalize(waveform: np.ndarray) -> np.ndarray:
     int16 cast happens to turn into 0 on x86-64; returning zeros gives the same all-zero clip without NaN.)
 
     Args:
-        waveform (`np.ndarray`): 1-D floating-point signal, not empty, finite.
+        waveform (`np.ndarray` or `torch.Tensor`): 1-D floating-point signal, not empty, finite (a tensor is
+            normalised where it is, e.g. on the GPU).
 
     Returns:
-        `np.ndarray`: a new array of the same dtype and shape.
+        `np.ndarray` or `torch.Tensor`: a new array of the same type, dtype, shape (and device).
     """
-    if waveform.size == 0:
+    if math.prod(waveform.shape) == 0:
         raise ValueError("Cannot peak-normalise an empty waveform.")
     lowest = waveform.min()
     highest = waveform.max()
     if lowest >= 0:
         if highest == 0:
             logger.warning("The waveform is all zeros (digital silence); it stays all zeros (-100 dB log-mel).")
-            return np.zeros_like(waveform)
+            return waveform * 0
         # The original computes 2 * x / max; (x / max) * 2 is the same number (doubling is exact) but cannot
         # overflow for samples above half the largest float.
         return waveform / abs(highest) * 2 - 1.0

@@ -66,16 +66,42 @@ def _is_scalar_number(value) -> bool:
 
 # Integer PCM -> float64 as soundfile reads PCM files (dtype="float64"): signed samples are divided by 2**(bits-1),
 # unsigned 8-bit PCM is offset binary (128 is zero).
-_PCM_INTEGER_DTYPES = {np.dtype(np.int8): 128.0, np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0,
-                       np.dtype(np.uint8): 128.0}
+_PCM_INTEGER_DTYPES = {torch.int8: 128.0, torch.int16: 32768.0, torch.int32: 2147483648.0, torch.uint8: 128.0}
 
 
-def _pcm_to_float(waveform: np.ndarray) -> np.ndarray:
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _pcm_to_float(waveform: torch.Tensor) -> torch.Tensor:
     scale = _PCM_INTEGER_DTYPES[waveform.dtype]
-    samples = waveform.astype(np.float64)
-    if waveform.dtype == np.uint8:
+    samples = waveform.to(torch.float64)
+    if waveform.dtype == torch.uint8:
         samples -= 128.0
     return samples / scale
+
+
+def _numpy_to_torch(waveform: np.ndarray, index: int) -> torch.Tensor:
+    """A numpy waveform as a tensor sharing its memory where torch allows it (a copy for read-only or
+    negatively strided arrays)."""
+    if not waveform.flags.writeable or any(stride < 0 for stride in waveform.strides):
+        waveform = np.array(waveform)
+    try:
+        return torch.from_numpy(waveform)
+    except TypeError:
+        raise TypeError(
+            f"Audio {index} has dtype {waveform.dtype}: expected floating-point samples in [-1, 1] or integer PCM "
+            f"({', '.join(sorted(_dtype_name(d) for d in _PCM_INTEGER_DTYPES))})."
+        ) from None
+
+
+def _input_device(raw_audio) -> torch.device:
+    """Where a call's input lives: the device of its first tensor (a batch tensor or a list of them), else CPU."""
+    items = raw_audio if isinstance(raw_audio, (list, tuple)) else [raw_audio]
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            return item.device
+    return torch.device("cpu")
 
 
 def _truncation_enabled(truncation) -> bool:
@@ -91,7 +117,7 @@ def _truncation_enabled(truncation) -> bool:
     raise ValueError(f"truncation must be a bool or a truncation strategy, got {truncation!r}.")
 
 
-def _first_channel(waveform: np.ndarray, index: int) -> np.ndarray:
+def _first_channel(waveform: torch.Tensor, index: int) -> torch.Tensor:
     """The first channel of a 2-D waveform; the channel axis is the shorter one (axis 0 when both are equal)."""
     if 1 in waveform.shape:
         return waveform.reshape(-1)
@@ -102,7 +128,7 @@ def _first_channel(waveform: np.ndarray, index: int) -> np.ndarray:
         f"{waveform.shape[1 - channel_axis]} samples ({'channels first' if channel_axis == 0 else 'channels last'}); "
         "only channel 0 is kept, as the original read_audio (no down-mix). Pass a 1-D array to choose yourself."
     )
-    return np.take(waveform, 0, axis=channel_axis)
+    return waveform.select(channel_axis, 0)
 
 
 class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
@@ -293,29 +319,31 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         return audio
 
     @staticmethod
-    def _to_numpy(waveform, index: int) -> np.ndarray:
-        """One waveform as a 1-D floating-point numpy array (see the class docstring for the accepted inputs)."""
+    def _to_tensor(waveform, index: int, device: torch.device | None = None) -> torch.Tensor:
+        """One waveform as a validated 1-D float32/float64 tensor on ``device`` (default: where it already is), see
+        the class docstring for the accepted inputs. The waveform moves first, so the checks run on ``device``."""
         if isinstance(waveform, torch.Tensor):
             waveform = waveform.detach()
-            if waveform.dtype in (torch.float16, torch.bfloat16):
-                waveform = waveform.float()
-            waveform = waveform.cpu().numpy()
         elif isinstance(waveform, (list, tuple)):
             if not all(_is_scalar_number(v) for v in waveform):
                 raise TypeError(
                     f"Audio {index}: a waveform given as a list must contain numbers only; got a nested list or "
                     "other values. Pass a list of 1-D arrays for a batch."
                 )
-            waveform = np.asarray(waveform, dtype=np.float64)
+            waveform = torch.from_numpy(np.asarray(waveform, dtype=np.float64))
         elif isinstance(waveform, (str, os.PathLike, bytes, bytearray, memoryview)):
             raise TypeError(
                 f"Audio {index} is a path or bytes: load it first with af2_hf.load_audio(...) (or pass it to "
                 "AudioFlamingo2Processor, which loads it)."
             )
-        elif not isinstance(waveform, np.ndarray):
+        elif isinstance(waveform, np.ndarray):
+            waveform = _numpy_to_torch(waveform, index)
+        else:
             raise TypeError(
                 f"Audio {index}: expected a numpy array, torch tensor or list of floats, got {type(waveform).__name__}."
             )
+        if device is not None:
+            waveform = waveform.to(device)
         if waveform.ndim == 2:
             waveform = _first_channel(waveform, index)
         elif waveform.ndim != 1:
@@ -323,30 +351,30 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
                 f"Audio {index} has shape {tuple(waveform.shape)}: expected a 1-D mono waveform (or a 2-D "
                 "multi-channel one)."
             )
-        if waveform.dtype == np.float16:
-            waveform = waveform.astype(np.float32)
+        if waveform.dtype in (torch.float16, torch.bfloat16):
+            waveform = waveform.to(torch.float32)
         elif waveform.dtype in _PCM_INTEGER_DTYPES:
             waveform = _pcm_to_float(waveform)
-        if not np.issubdtype(waveform.dtype, np.floating):
+        if waveform.dtype not in (torch.float32, torch.float64):
             raise TypeError(
-                f"Audio {index} has dtype {waveform.dtype}: expected floating-point samples in [-1, 1] or integer "
-                f"PCM ({', '.join(sorted(str(np.dtype(d)) for d in _PCM_INTEGER_DTYPES))}). Convert it to float "
-                "first (e.g. x / 32768 for 16-bit PCM), or load files with af2_hf.load_audio."
+                f"Audio {index} has dtype {_dtype_name(waveform.dtype)}: expected floating-point samples in [-1, 1] "
+                f"or integer PCM ({', '.join(sorted(_dtype_name(d) for d in _PCM_INTEGER_DTYPES))}). Convert it to "
+                "float first (e.g. x / 32768 for 16-bit PCM), or load files with af2_hf.load_audio."
             )
-        if waveform.size == 0:
+        if waveform.numel() == 0:
             raise ValueError(f"Audio {index} is empty (0 samples).")
-        finite = np.isfinite(waveform)
-        if not finite.all():
-            nan = int(np.isnan(waveform).sum())
-            infinite = int(waveform.size - finite.sum()) - nan
-            first = int(np.argmin(finite))
+        finite = torch.isfinite(waveform)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(waveform).sum())
+            infinite = int(waveform.numel() - finite.sum()) - nan
+            first = int(torch.argmin(finite.to(torch.uint8)))
             raise ValueError(
                 f"Audio {index} contains NaN or infinite samples ({nan} NaN, {infinite} infinite, the first at "
                 f"sample {first}): clean it first, e.g. np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)."
             )
         return waveform
 
-    def _as_waveform_list(self, raw_audio) -> list[np.ndarray]:
+    def _as_waveform_list(self, raw_audio, device: torch.device | None = None) -> list[torch.Tensor]:
         if isinstance(raw_audio, (np.ndarray, torch.Tensor)):
             if raw_audio.ndim == 2:
                 # (batch, samples); more rows than columns can only be one (samples, channels) waveform.
@@ -363,7 +391,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             items = [raw_audio] if all(_is_scalar_number(v) for v in raw_audio) else list(raw_audio)
         else:
             items = [raw_audio]
-        return [self._to_numpy(item, index) for index, item in enumerate(items)]
+        return [self._to_tensor(item, index, device) for index, item in enumerate(items)]
 
     def _check_sampling_rate(self, sampling_rate: int | None):
         if sampling_rate is None:
@@ -402,12 +430,14 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         ``max_num_windows`` windows (with a warning; ``truncation=False`` raises a `ValueError` instead), peak
         normalisation, zero padding to whole windows and the int16 round trip, as the original
         ``inference.load_audio``."""
+        waveform = self._to_tensor(waveform, index, torch.device("cpu"))
+        return self._clips(waveform, do_normalize, do_quantize, max_num_windows, index, truncation).numpy()
+
+    def _clips(self, waveform: torch.Tensor, do_normalize, do_quantize, max_num_windows, index, truncation):
+        """:meth:`clips_from_waveform` on a validated waveform tensor, computed where the tensor is."""
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
         do_quantize = self.do_quantize if do_quantize is None else do_quantize
         max_windows = self._resolve_max_windows(max_num_windows)
-        waveform = self._to_numpy(waveform, index)
-        if waveform.dtype != np.float64:
-            waveform = waveform.astype(np.float32, copy=False)
 
         limit = self.max_samples(max_windows)
         if waveform.shape[0] > limit:
@@ -428,22 +458,18 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
 
         num_windows = self.get_num_windows(waveform.shape[0], max_windows)
         full_length = num_windows * self.window_samples - (num_windows - 1) * self.overlap_samples
-        padded = np.zeros(full_length, dtype=waveform.dtype)
+        padded = waveform.new_zeros(full_length)
         padded[: waveform.shape[0]] = waveform
 
         if do_quantize:
-            np.clip(padded, -1.0, 1.0, out=padded)
-            padded *= 32767.0
-            # astype truncates toward zero, as the original; dividing the int16 values in float64 and rounding to
-            # float32 is what the original int16_to_float32 does.
-            signal = (padded.astype(np.int16) / 32767.0).astype(np.float32)
+            # .to(int16) truncates toward zero, as the original's astype; dividing the int16 values in float64 and
+            # rounding to float32 is what the original int16_to_float32 does.
+            quantised = padded.clamp_(-1.0, 1.0).mul_(32767.0).to(torch.int16)
+            signal = (quantised.to(torch.float64) / 32767.0).to(torch.float32)
         else:
-            signal = padded.astype(np.float32, copy=False)
-
-        if self.overlap_samples == 0:
-            return signal.reshape(num_windows, self.window_samples)
-        starts = np.arange(num_windows) * self.window_stride
-        return np.stack([signal[start : start + self.window_samples] for start in starts])
+            signal = padded.to(torch.float32)
+        # consecutive windows start window_stride samples apart (the reshape when they do not overlap)
+        return signal.unfold(0, self.window_samples, self.window_stride)
 
     def window_clips(
         self,
@@ -463,27 +489,26 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         """
         self._check_sampling_rate(sampling_rate)
         truncation = _truncation_enabled(truncation)
-        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows, truncation)
+        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows, truncation,
+                                          torch.device("cpu"))
         total = self._padded_windows(per_audio, padding, max_num_windows)
         clips = np.zeros((len(per_audio), total, self.window_samples), dtype=np.float32)
         mask = np.zeros((len(per_audio), total), dtype=np.int64)
         for row, audio_clips in enumerate(per_audio):
-            clips[row, : len(audio_clips)] = audio_clips
+            clips[row, : len(audio_clips)] = audio_clips.numpy()
             mask[row, : len(audio_clips)] = 1
         return clips, mask
 
     def _clips_per_audio(
-        self, raw_audio, do_normalize, do_quantize, max_num_windows, truncation=True
-    ) -> list[np.ndarray]:
-        waveforms = self._as_waveform_list(raw_audio)
+        self, raw_audio, do_normalize, do_quantize, max_num_windows, truncation=True, device=None
+    ) -> list[torch.Tensor]:
+        waveforms = self._as_waveform_list(raw_audio, device)
         return [
-            self.clips_from_waveform(
-                waveform, do_normalize, do_quantize, max_num_windows, index=index, truncation=truncation
-            )
+            self._clips(waveform, do_normalize, do_quantize, max_num_windows, index, truncation)
             for index, waveform in enumerate(waveforms)
         ]
 
-    def _padded_windows(self, per_audio: list[np.ndarray], padding, max_num_windows) -> int:
+    def _padded_windows(self, per_audio: list[torch.Tensor], padding, max_num_windows) -> int:
         longest = max(len(clips) for clips in per_audio)
         if padding is True or padding == "longest":
             return longest
@@ -572,7 +597,9 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
                 ``(samples, channels)`` waveform when it has more rows than columns); see the class docstring.
             sampling_rate (`int`, *optional*): the rate of ``raw_audio``; must equal the extractor's.
             return_tensors (`str`, *optional*): ``"pt"`` for torch tensors, ``"np"`` (or `None`) for numpy arrays.
-            device (`str` or `torch.device`, *optional*): where to compute (and, with ``"pt"``, return) features.
+            device (`str` or `torch.device`, *optional*): where to compute (and, with ``"pt"``, return) features:
+                everything after reading the input (checks, normalisation, int16 round trip, STFT, mel) runs
+                there. Defaults to the device of the input tensor(s) (so CUDA waveforms stay on the GPU), else CPU.
             do_normalize, do_quantize, max_num_windows: override the extractor's settings for this call.
             padding (`bool` or `str`, *optional*, defaults to `True`): pad to the most windows in the batch
                 (`True`/``"longest"``) or to ``max_num_windows`` (``"max_length"``).
@@ -588,15 +615,14 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
         return_attention_mask = self.return_attention_mask if return_attention_mask is None else return_attention_mask
-        device = torch.device("cpu") if device is None else torch.device(device)
+        device = _input_device(raw_audio) if device is None else torch.device(device)
         truncation = _truncation_enabled(truncation)
 
-        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows, truncation)
+        per_audio = self._clips_per_audio(raw_audio, do_normalize, do_quantize, max_num_windows, truncation, device)
         total = self._padded_windows(per_audio, padding, max_num_windows)
         counts = [len(clips) for clips in per_audio]
 
-        clips = torch.from_numpy(np.concatenate(per_audio)).to(device)
-        mel = self.log_mel(clips)
+        mel = self.log_mel(torch.cat(per_audio))
 
         features = torch.full(
             (len(per_audio), total, self.num_frames, self.num_mel_bins),

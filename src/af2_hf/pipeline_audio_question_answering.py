@@ -338,6 +338,9 @@ class AudioQuestionAnsweringPipeline(Pipeline):
         audios = [item["audio"] for item in items]
         if not _is_af2_processor(self.processor):
             audios = [np.asarray(audio, dtype=np.float32) for audio in audios]
+        elif self.device.type != "cpu":
+            # The AF2 feature extractor computes the log-mel where the model is (same numerics as on the CPU).
+            processor_kwargs.setdefault("device", self.device)
         inputs = self.processor(
             text=prompts,
             audio=audios,
