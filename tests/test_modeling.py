@@ -51,7 +51,7 @@ def test_audio_changes_logits_when_gates_open():
     assert (a - b).abs().max() > 1e-3
 
 
-def test_audio_features_shape_and_single_tower_call():
+def test_audio_features_shape_and_batched_tower_calls():
     model = random_model()
     calls = []
     hook = model.model.audio_tower.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
@@ -60,7 +60,8 @@ def test_audio_features_shape_and_single_tower_call():
             audio = model.get_audio_features(random_features(3, 4), torch.ones(3, 4, dtype=torch.long))
     finally:
         hook.remove()
-    assert calls == [12]  # all windows of the batch in one call
+    assert model.config.audio_tower_batch_size == 8
+    assert calls == [8, 4]  # the 12 windows of the batch together, 8 per call
     assert audio.shape == (3, 4 * 64, model.config.audio_hidden_size)
 
 
@@ -228,3 +229,24 @@ def test_output_hidden_states_and_attentions():
     assert len(out.attentions) == layers
     torch.testing.assert_close(out.logits, plain.logits)
     assert plain.hidden_states is None
+
+
+def test_audio_tower_batch_size_bounds_each_call_and_keeps_the_result():
+    """Windows go through the audio tower audio_tower_batch_size at a time; the result equals one call over all."""
+    model = random_model()
+    features = random_features(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    calls = []
+    handle = model.model.audio_tower.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            model.config.audio_tower_batch_size = None
+            together = model.get_audio_features(features, mask)
+            model.config.audio_tower_batch_size = 4
+            chunked = model.get_audio_features(features, mask)
+    finally:
+        handle.remove()
+    assert calls == [6, 4, 2]
+    torch.testing.assert_close(chunked, together, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="audio_tower_batch_size"):
+        tiny_config(audio_tower_batch_size=0)

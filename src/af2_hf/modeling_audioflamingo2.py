@@ -426,9 +426,14 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                 f"input_features_mask has shape {tuple(input_features_mask.shape)}, expected {(batch, windows)}."
             )
         tower_dtype = self.audio_tower.audio_encoder.patch_embed.proj.weight.dtype
-        # Every window of the batch goes through the audio tower in one call.
-        clap = self.audio_tower(input_features.reshape(batch * windows, 1, frames, mels).to(tower_dtype))
-        tokens = clap.last_hidden_state.flatten(2).transpose(1, 2)  # (B*W, tokens, C)
+        # The windows of the whole batch go through the audio tower together, audio_tower_batch_size at a time (the
+        # windows are independent; the chunks bound the activation memory).
+        flat = input_features.reshape(batch * windows, 1, frames, mels)
+        chunk = self.config.audio_tower_batch_size or flat.shape[0]
+        tokens = torch.cat([
+            self.audio_tower(flat[start : start + chunk].to(tower_dtype)).last_hidden_state.flatten(2).transpose(1, 2)
+            for start in range(0, flat.shape[0], chunk)
+        ])  # (B*W, tokens, C)
         tokens_per_window = tokens.shape[1]
         if tokens_per_window != self.config.tokens_per_window:
             raise ValueError(
