@@ -70,6 +70,13 @@ def _attention_interface(config) -> Callable:
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
 
+def window_mask_to_token_mask(window_mask: torch.Tensor, tokens_per_window: int) -> torch.Tensor:
+    """(batch, windows) -> (batch, windows * tokens_per_window): each window's flag for each of its tokens (a view
+    expanded and copied, no host synchronisation)."""
+    batch, windows = window_mask.shape
+    return window_mask[:, :, None].expand(batch, windows, tokens_per_window).reshape(batch, windows * tokens_per_window)
+
+
 def padding_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(batch, keys) 1/0 mask -> additive (batch, 1, 1, keys) mask with the dtype's minimum on padded keys."""
     mask = mask.to(torch.bool)[:, None, None, :]
@@ -441,13 +448,13 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                 f"{self.config.tokens_per_window}."
             )
         tokens = tokens.reshape(batch, windows * tokens_per_window, -1)
-        token_mask = input_features_mask.to(tokens.device).repeat_interleave(tokens_per_window, dim=1)
+        token_mask = window_mask_to_token_mask(input_features_mask.to(tokens.device), tokens_per_window)
         return self.audio_transformer(tokens, token_mask)
 
     def _audio_token_mask(self, input_features_mask, dtype, device, num_audio_tokens):
         if input_features_mask is None:
             return None
-        mask = input_features_mask.to(device).repeat_interleave(self.config.tokens_per_window, dim=1)
+        mask = window_mask_to_token_mask(input_features_mask.to(device), self.config.tokens_per_window)
         if mask.shape[-1] != num_audio_tokens:
             raise ValueError(
                 f"input_features_mask covers {mask.shape[-1]} audio tokens but the cache/audio holds {num_audio_tokens}."
