@@ -184,7 +184,9 @@ def test_gradient_checkpointing_gives_same_loss_and_grads():
         model = random_model()
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # activation_checkpointing_enable from transformers 5.23 on (gradient_checkpointing_enable before)
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         loss = model(**x, labels=x["input_ids"], use_cache=False).loss
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))

@@ -29,7 +29,7 @@ class AudioLoadError(ValueError):
     """An audio source could not be read: missing, unreadable, unsupported, corrupt, empty or non-finite."""
 
 
-def peak_normalize(waveform):
+def peak_normalize(waveform, out=None):
     """Peak normalisation of the original AF2 ``read_audio``, in the dtype of ``waveform``.
 
     A signal with a negative sample is divided by its peak magnitude (the peak becomes exactly +-1). A signal without
@@ -43,22 +43,31 @@ def peak_normalize(waveform):
     Args:
         waveform (`np.ndarray` or `torch.Tensor`): 1-D floating-point signal, not empty, finite (a tensor is
             normalised where it is, e.g. on the GPU).
+        out (same type as ``waveform``, *optional*): where to write the result (may be ``waveform`` itself).
 
     Returns:
-        `np.ndarray` or `torch.Tensor`: a new array of the same type, dtype, shape (and device).
+        `np.ndarray` or `torch.Tensor`: the result (``out`` when given), of the same type, dtype, shape and device.
     """
-    if math.prod(waveform.shape) == 0:
+    if out is None:
+        out = waveform.copy() if isinstance(waveform, np.ndarray) else waveform.clone()
+    elif out is not waveform:
+        out[...] = waveform
+    if math.prod(out.shape) == 0:
         raise ValueError("Cannot peak-normalise an empty waveform.")
-    lowest = waveform.min()
-    highest = waveform.max()
+    lowest, highest = out.min(), out.max()
     if lowest >= 0:
         if highest == 0:
             logger.warning("The waveform is all zeros (digital silence); it stays all zeros (-100 dB log-mel).")
-            return waveform * 0
+            out *= 0
+            return out
         # The original computes 2 * x / max; (x / max) * 2 is the same number (doubling is exact) but cannot
         # overflow for samples above half the largest float.
-        return waveform / abs(highest) * 2 - 1.0
-    return waveform / max(abs(highest), abs(lowest))
+        out /= abs(highest)
+        out *= 2
+        out -= 1.0
+        return out
+    out /= max(abs(highest), abs(lowest))
+    return out
 
 
 def _describe(source) -> str:

@@ -363,8 +363,9 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             )
         if waveform.numel() == 0:
             raise ValueError(f"Audio {index} is empty (0 samples).")
-        finite = torch.isfinite(waveform)
-        if not bool(finite.all()):
+        # min and max are NaN or infinite exactly when some sample is (one pass, no full-size temporary).
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(waveform))).all()):
+            finite = torch.isfinite(waveform)
             nan = int(torch.isnan(waveform).sum())
             infinite = int(waveform.numel() - finite.sum()) - nan
             first = int(torch.argmin(finite.to(torch.uint8)))
@@ -453,19 +454,22 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
                            "dropped.")
             waveform = waveform[:limit]
 
-        if do_normalize:
-            waveform = peak_normalize(waveform)
-
         num_windows = self.get_num_windows(waveform.shape[0], max_windows)
         full_length = num_windows * self.window_samples - (num_windows - 1) * self.overlap_samples
+        # One buffer for normalisation and quantisation, updated in place (fresh full-size temporaries cost more
+        # than the arithmetic on the CPU); the padding stays zero, as when the original pads after normalising.
         padded = waveform.new_zeros(full_length)
-        padded[: waveform.shape[0]] = waveform
+        samples = padded[: waveform.shape[0]]
+        samples.copy_(waveform)
+        if do_normalize:
+            peak_normalize(samples, out=samples)
 
         if do_quantize:
             # .to(int16) truncates toward zero, as the original's astype; dividing the int16 values in float64 and
             # rounding to float32 is what the original int16_to_float32 does.
             quantised = padded.clamp_(-1.0, 1.0).mul_(32767.0).to(torch.int16)
-            signal = (quantised.to(torch.float64) / 32767.0).to(torch.float32)
+            exact = padded if padded.dtype == torch.float64 else torch.empty_like(padded, dtype=torch.float64)
+            signal = exact.copy_(quantised).div_(32767.0).to(torch.float32)
         else:
             signal = padded.to(torch.float32)
         # consecutive windows start window_stride samples apart (the reshape when they do not overlap)
