@@ -589,3 +589,18 @@ def test_concurrent_pipeline_calls_match_sequential(golden_json, golden_audio_fi
     for _ in range(2):
         with ThreadPoolExecutor(max_workers=len(requests)) as pool:
             assert list(pool.map(answer_together, requests)) == sequential
+
+
+def test_arrays_torch_cannot_share_give_the_same_features(fe):
+    """Big-endian, read-only and negatively strided numpy waveforms are featurised like the plain array."""
+    rng = np.random.default_rng(3)
+    plain = rng.uniform(-0.9, 0.9, RATE)
+    expected = features(fe, plain)["input_features"]
+    read_only = plain.copy()
+    read_only.flags.writeable = False
+    reversed_twice = plain[::-1].copy()[::-1]
+    for waveform in (plain.astype(">f8"), read_only, reversed_twice):
+        torch.testing.assert_close(features(fe, waveform)["input_features"], expected, rtol=0, atol=0)
+    pcm = (plain * 32767).astype(np.int16)
+    torch.testing.assert_close(features(fe, pcm.astype(">i2"))["input_features"],
+                               features(fe, pcm)["input_features"], rtol=0, atol=0)

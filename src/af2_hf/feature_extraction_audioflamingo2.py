@@ -82,9 +82,11 @@ def _pcm_to_float(waveform: torch.Tensor) -> torch.Tensor:
 
 
 def _numpy_to_torch(waveform: np.ndarray, index: int) -> torch.Tensor:
-    """A numpy waveform as a tensor sharing its memory where torch allows it (a copy for read-only or
-    negatively strided arrays)."""
-    if not waveform.flags.writeable or any(stride < 0 for stride in waveform.strides):
+    """A numpy waveform as a tensor sharing its memory where torch allows it (a copy for read-only, negatively
+    strided or non-native byte order arrays)."""
+    if not waveform.dtype.isnative:
+        waveform = waveform.astype(waveform.dtype.newbyteorder("="))
+    elif not waveform.flags.writeable or any(stride < 0 for stride in waveform.strides):
         waveform = np.array(waveform)
     try:
         return torch.from_numpy(waveform)
