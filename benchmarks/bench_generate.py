@@ -50,7 +50,10 @@ def shapes(name: str) -> AudioFlamingo2Config:
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> AudioFlamingo2ForConditionalGeneration:
     """A random-weight model of the named shapes, gates open so that the audio path does real work."""
     torch.manual_seed(0)
-    model = AudioFlamingo2ForConditionalGeneration(shapes(name)).to(device=device, dtype=dtype).eval()
+    # Built on the device in the dtype, as from_pretrained(..., dtype=...) loads a checkpoint (float32 rotary
+    # frequencies kept); a 3B model is not initialised in float32 on the host first.
+    with torch.device(device):
+        model = AudioFlamingo2ForConditionalGeneration._from_config(shapes(name), dtype=dtype).eval()
     with torch.no_grad():
         for block in model.model.cross_attention_layers:
             block.attn_gate.fill_(0.5)

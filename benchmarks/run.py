@@ -131,7 +131,11 @@ def main():
     rows = results["rows"]
 
     def add(name, value, unit, note=""):
+        # Each row is printed and saved as soon as it is measured, so a run cut short (a time limit) keeps them.
         rows.append(dict(name=name, value=value, unit=unit, note=note))
+        print(f"  {name}: {value:.3f} {unit} {note}".rstrip(), flush=True)
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
 
     print(f"config={args.config} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"weights={weights / 2**30:.2f} GiB device={device} dtype={args.dtype}")
@@ -224,8 +228,6 @@ def main():
     print(f"|{'-' * (width + 2)}|---|---|---|")
     for r in rows:
         print(f"| {r['name']:<{width}} | {r['value']:.3f} | {r['unit']} | {r['note']} |")
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=1)
     print(f"\nwrote {args.json}")
 
 
