@@ -18,13 +18,11 @@ except ImportError:  # pragma: no cover - depends on the installed release
 
 #: The name of the cache argument / output field in the installed transformers.
 CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-#: Every name a cache may be passed under to an AF2 forward.
-CACHE_NAMES = ("cache", "past_key_values")
 
 
 def output_cache(output):
     """The cache held by a model output, under whichever name the installed transformers gives it."""
-    return getattr(output, CACHE_KEY, None) if not isinstance(output, dict) else output.get(CACHE_KEY)
+    return getattr(output, CACHE_KEY, None)
 
 
 def pick_cache(cache, past_key_values):

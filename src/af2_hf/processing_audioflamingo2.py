@@ -86,7 +86,7 @@ class AudioFlamingo2AudioKwargs(AudioKwargs, total=False):
     max_num_windows: int | None
 
 
-_TEXT_DEFAULTS = {
+_TEXT_KWARGS_DEFAULTS = {
     "padding": "longest",
     "padding_side": "left",
     "truncation": True,
@@ -98,7 +98,7 @@ _TEXT_DEFAULTS = {
 class AudioFlamingo2ProcessorKwargs(ProcessingKwargs, total=False):
     audio_kwargs: AudioFlamingo2AudioKwargs
     # transformers < 5.2x reads the defaults from here only; newer releases from the processor's class attributes.
-    _defaults = {"text_kwargs": _TEXT_DEFAULTS, "audio_kwargs": {}}
+    _defaults = {"text_kwargs": _TEXT_KWARGS_DEFAULTS, "audio_kwargs": {}}
 
 
 def _is_single_waveform(audio) -> bool:
@@ -155,7 +155,7 @@ class AudioFlamingo2Processor(ProcessorMixin):
     """
 
     valid_processor_kwargs = AudioFlamingo2ProcessorKwargs
-    text_kwargs = _TEXT_DEFAULTS
+    text_kwargs = _TEXT_KWARGS_DEFAULTS
     audio_kwargs = {}
 
     def __init__(
