@@ -589,11 +589,16 @@ _XATTN_RENAMES = {
     "ff_gate": "ff_gate",
 }
 
+# The original registers its decoder layers and cross-attention blocks a second time under these names, so a full
+# safe_ckpt may hold a second copy of each (DESIGN §2); the converter only reads these checkpoint key families.
+_LM_DUPLICATE_FAMILY = "old_decoder_blocks"
+_XATTN_DUPLICATE_FAMILY = "gated_cross_attn_layers_sound"
+
 # safe_ckpt families, in the order in which the original's load_state_dict visits them (a later one wins).
 _LM_CANONICAL_LAYER = re.compile(r"lang_encoder\.model\.layers\.(\d+)\.decoder_layer\.(.+)")
-_LM_DUPLICATE_LAYER = re.compile(r"lang_encoder\.old_decoder_blocks\.(\d+)\.(.+)")
+_LM_DUPLICATE_LAYER = re.compile(rf"lang_encoder\.{_LM_DUPLICATE_FAMILY}\.(\d+)\.(.+)")
 _XATTN_CANONICAL = re.compile(r"lang_encoder\.model\.layers\.(\d+)\.gated_cross_attn_layer_sound\.(.+)")
-_XATTN_DUPLICATE = re.compile(r"lang_encoder\.gated_cross_attn_layers_sound\.(\d+)\.(.+)")
+_XATTN_DUPLICATE = re.compile(rf"lang_encoder\.{_XATTN_DUPLICATE_FAMILY}\.(\d+)\.(.+)")
 _AUDIO_TRANSFORMER_LAYER = re.compile(r"audio_transformer_clap\.layer_stack\.(\d+)\.(.+)")
 
 
@@ -800,25 +805,20 @@ def assemble_checkpoint(
 
     # safe_ckpt LM keys in the visit order of the original's load_state_dict: lang_encoder.model.{embed_tokens,
     # layers.i.{gated_cross_attn_layer_sound, decoder_layer}, norm}, lang_encoder.lm_head, then the duplicate
-    # families lang_encoder.old_decoder_blocks.i and lang_encoder.gated_cross_attn_layers_sound.i. The duplicates are
+    # families lang_encoder.{_LM_DUPLICATE_FAMILY}.i and lang_encoder.{_XATTN_DUPLICATE_FAMILY}.i. The duplicates are
     # the same modules as the canonical ones, so a full state_dict holds equal copies (they are compared); if a copy
     # differs, the later write (the duplicate) wins, as it does in the original.
-    groups = {"canonical": [], "lm_head": [], "old_decoder_blocks": [], "gated_cross_attn_layers_sound": []}
+    groups = {"model": [], "lm_head": [], _LM_DUPLICATE_FAMILY: [], _XATTN_DUPLICATE_FAMILY: []}
     for key in [k for k in safe if k.startswith("lang_encoder.")]:
-        if key.startswith("lang_encoder.model."):
-            groups["canonical"].append(key)
-        elif key.startswith("lang_encoder.lm_head."):
-            groups["lm_head"].append(key)
-        elif key.startswith("lang_encoder.old_decoder_blocks."):
-            groups["old_decoder_blocks"].append(key)
-        elif key.startswith("lang_encoder.gated_cross_attn_layers_sound."):
-            groups["gated_cross_attn_layers_sound"].append(key)
+        family = key.split(".", 2)[1]
+        if family in groups:
+            groups[family].append(key)
         else:
             unmapped.append(key)
             safe.pop(key)
     lm_writes: list[tuple[str, str, torch.Tensor, bool]] = []  # (native key, original key, tensor, is duplicate)
     xattn: dict[str, tuple[str, torch.Tensor]] = {}
-    duplicates = {"old_decoder_blocks": 0, "gated_cross_attn_layers_sound": 0}
+    duplicates = {_LM_DUPLICATE_FAMILY: 0, _XATTN_DUPLICATE_FAMILY: 0}
     for key in sum(groups.values(), []):
         tensor = safe.pop(key)
         if key == "lang_encoder.model.embed_tokens.weight":
@@ -834,8 +834,8 @@ def assemble_checkpoint(
             # tied: the same parameter as the embedding; the original writes lm_head after embed_tokens
             lm_writes.append((head_key, key, tensor, tied))
         elif (m := _LM_CANONICAL_LAYER.fullmatch(key) or _LM_DUPLICATE_LAYER.fullmatch(key)) is not None:
-            duplicate = key.startswith("lang_encoder.old_decoder_blocks.")
-            duplicates["old_decoder_blocks"] += duplicate
+            duplicate = m.re is _LM_DUPLICATE_LAYER
+            duplicates[_LM_DUPLICATE_FAMILY] += duplicate
             if int(m.group(1)) >= num_layers:
                 raise ConversionError(f"{key}: layer index beyond the base LM's {num_layers} layers.")
             lm_writes.append((f"model.language_model.layers.{m.group(1)}.{m.group(2)}", key, tensor, duplicate))
@@ -843,8 +843,8 @@ def assemble_checkpoint(
             if m.group(2) not in _XATTN_RENAMES:
                 unmapped.append(key)
                 continue
-            duplicate = key.startswith("lang_encoder.gated_cross_attn_layers_sound.")
-            duplicates["gated_cross_attn_layers_sound"] += duplicate
+            duplicate = m.re is _XATTN_DUPLICATE
+            duplicates[_XATTN_DUPLICATE_FAMILY] += duplicate
             xattn_key = f"{m.group(1)}.{_XATTN_RENAMES[m.group(2)]}"
             if xattn_key in xattn:
                 prior_key, prior = xattn[xattn_key]
