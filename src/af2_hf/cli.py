@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 conversion failure, 2 usage or input error (no usable m
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,12 @@ The model can also be set with the {env} environment variable.""".format(env=MOD
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
+
+
+#: Subcommands that live in their own module of ``af2_hf.commands``: name -> (module, one-line help). Each module
+#: defines ``add_arguments(parser)`` and ``run(args) -> int`` and imports torch/transformers only inside ``run`` (so
+#: that ``--help`` stays fast); ``run`` raises :class:`CliError` for user errors.
+COMMAND_MODULES: dict[str, tuple[str, str]] = {}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -70,6 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.add_argument("--max-num-windows", type=int, default=30,
                       help="10-second windows the feature extractor keeps (default 30 = 5 minutes)")
+    for name, (module_name, help_text) in COMMAND_MODULES.items():
+        module = importlib.import_module(f"af2_hf.commands.{module_name}")
+        module.add_arguments(commands.add_parser(name, help=help_text))
     return parser
 
 
@@ -188,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             return _ask(args)
         if args.command == "make-tiny":
             return _make_tiny(args)
+        if args.command in COMMAND_MODULES:
+            module = importlib.import_module(f"af2_hf.commands.{COMMAND_MODULES[args.command][0]}")
+            return module.run(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
