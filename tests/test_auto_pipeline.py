@@ -80,9 +80,10 @@ def test_pipeline_task_is_registered_and_registration_is_idempotent():
     assert type(AutoConfig.for_model("audioflamingo2")) is AudioFlamingo2Config
 
 
-def test_pipeline_from_a_folder_without_and_with_custom_pipelines(tmp_path, golden_json, golden_audio_files):
-    """A saved folder resolves to af2_hf's pipeline; an exported one (custom_pipelines in config.json) needs
-    trust_remote_code=True (or pipeline_class=...), as transformers asks for any folder that ships pipeline code."""
+def test_pipeline_from_a_saved_and_from_an_exported_folder(tmp_path, golden_json, golden_audio_files):
+    """A saved folder and an exported one (custom_pipelines under the folder's own task) both resolve to af2_hf's
+    pipeline without trust_remote_code; the folder's own task name needs trust_remote_code, as transformers asks for
+    any pipeline code shipped in a folder."""
     from af2_hf.tiny import make_tiny_model
 
     plain = tmp_path / "plain"
@@ -93,15 +94,17 @@ def test_pipeline_from_a_folder_without_and_with_custom_pipelines(tmp_path, gold
     assert type(pipe.model) is AudioFlamingo2ForConditionalGeneration
 
     exported = str(converted_tiny_dir())
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        pipeline(TASK, model=exported)
     question, expected = golden_json["prompts"]["a"], {"answer": golden_json["decoded"]["a.greedy"]}
-    remote = pipeline(TASK, model=exported, trust_remote_code=True)
-    assert type(remote).__name__ == "AudioQuestionAnsweringPipeline"
-    assert remote(str(golden_audio_files["a"]), question=question, **GREEDY) == expected
-    local = pipeline(TASK, model=exported, pipeline_class=AudioQuestionAnsweringPipeline)
-    assert type(local.model) is AudioFlamingo2ForConditionalGeneration
+    local = pipeline(TASK, model=exported)
+    assert type(local) is AudioQuestionAnsweringPipeline and type(local.model) is AudioFlamingo2ForConditionalGeneration
     assert local(str(golden_audio_files["a"]), question=question, **GREEDY) == expected
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        pipeline("audioflamingo2-audio-question-answering", model=exported)
+
+
+def test_pipeline_without_a_model_says_so():
+    with pytest.raises(ValueError, match="has no default model: pass one"):
+        pipeline(TASK)
 
 
 # ---------------------------------------------------------------------------------------------------- AF2 pipeline

@@ -44,8 +44,10 @@ def test_the_converter_exports_remote_code():
         "AutoModel": "modeling_audioflamingo2.AudioFlamingo2Model",
         "AutoModelForMultimodalLM": "modeling_audioflamingo2.AudioFlamingo2ForConditionalGeneration",
     }
+    # The folder's own pipeline code is listed under a task of its own, so that with af2_hf imported
+    # pipeline("audio-question-answering", model=folder) takes the registered pipeline (no trust_remote_code).
     assert config["custom_pipelines"] == {
-        "audio-question-answering": {
+        "audioflamingo2-audio-question-answering": {
             "impl": "pipeline_audio_question_answering.AudioQuestionAnsweringPipeline",
             "pt": ["AutoModelForMultimodalLM"],
             "type": "multimodal",
@@ -82,6 +84,38 @@ def test_save_with_remote_code_round_trip(tmp_path, golden_processor):
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
     assert set(os.listdir(tmp_path / "out")) >= CODE_FILES | {"config.json", "processor_config.json"}
+    assert os.listdir(tmp_path) == ["out"]  # the staging folder was renamed, nothing left beside it
+
+
+def test_save_with_remote_code_refuses_a_non_empty_folder_and_replaces_it_whole(tmp_path, golden_processor):
+    from af2_hf.atomic import OutputDirectoryNotEmptyError
+
+    out = tmp_path / "out"
+    save_with_remote_code(random_model(seed=1), golden_processor, out, max_shard_size="20KB")  # sharded
+    assert (out / "model.safetensors.index.json").is_file()
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(OutputDirectoryNotEmptyError, match="not empty"):
+        save_with_remote_code(random_model(seed=2), golden_processor, out)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # untouched
+
+    model = random_model(seed=2)
+    save_with_remote_code(model, golden_processor, out, overwrite=True)  # one file now: no stale shard is left
+    names = set(os.listdir(out))
+    assert "model.safetensors" in names and not [name for name in names if "-of-" in name or name.endswith(".index.json")]
+    assert os.listdir(tmp_path) == ["out"]
+
+    class Interrupted(Exception):
+        pass
+
+    def failing_save(*args, **kwargs):
+        raise Interrupted
+
+    model.save_pretrained = failing_save  # an interrupted save leaves the previous folder as it was
+    after = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(Interrupted):
+        save_with_remote_code(model, golden_processor, out, overwrite=True)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == after
+    assert os.listdir(tmp_path) == ["out"]
 
 
 def test_export_rejects_what_it_cannot_export(tmp_path, golden_dir, golden_processor):
@@ -132,7 +166,12 @@ BLOCKED_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         result["logits"] = model(**inputs).logits[0, -1].tolist()
 
-    pipe = pipeline("audio-question-answering", model=directory, trust_remote_code=True)
+    try:  # the registered task name is af2_hf's: without it, transformers does not know the task
+        pipeline("audio-question-answering", model=directory, trust_remote_code=True)
+        result["registered_task_error"] = None
+    except Exception as error:
+        result["registered_task_error"] = f"{type(error).__name__}: {error}"
+    pipe = pipeline("audioflamingo2-audio-question-answering", model=directory, trust_remote_code=True)
     result["pipeline_class"] = [type(pipe).__module__, type(pipe).__name__]
     result["answer"] = pipe(audio_a, question=question, do_sample=False, max_new_tokens=12)["answer"]
     result["batch"] = [out["answer"] for out in pipe([audio_a, audio_c], question=question, batch_size=2,
@@ -188,4 +227,62 @@ def test_remote_code_loads_without_af2_hf(tmp_path, golden_json, golden_audio_fi
     torch.testing.assert_close(torch.tensor(result["logits"]), expected_logits, rtol=1e-5, atol=1e-5)
     assert result["answer"] == golden_json["decoded"]["a.greedy"]
     assert result["batch"] == expected_batch
-    assert result["inferred_task"] == "audio-question-answering"
+    assert result["inferred_task"] == "audioflamingo2-audio-question-answering"
+    assert "Unknown task audio-question-answering" in result["registered_task_error"]
+
+
+INSTALLED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import af2_hf  # registers the audio-question-answering task
+    from transformers import pipeline
+
+    directory, audio, question = sys.argv[1:4]
+    pipe = pipeline("audio-question-answering", model=directory)  # no trust_remote_code
+    result = {"pipeline_class": [type(pipe).__module__, type(pipe).__name__],
+              "model_class": [type(pipe.model).__module__, type(pipe.model).__name__],
+              "answer": pipe(audio, question=question, do_sample=False, max_new_tokens=12)["answer"]}
+    try:
+        pipeline("audio-question-answering")
+        result["no_model_error"] = None
+    except Exception as error:
+        result["no_model_error"] = f"{type(error).__name__}: {error}"
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def test_with_af2_hf_installed_a_converted_folder_needs_no_trust_remote_code(tmp_path, golden_json,
+                                                                            golden_audio_files):
+    """A fresh Python that imports af2_hf (nothing else registered) gets af2_hf's own pipeline and model classes
+    from a converted folder (which ships remote code) without trust_remote_code."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(
+        [sys.executable, "-c", INSTALLED_SCRIPT, str(converted_tiny_dir()), str(golden_audio_files["a"]),
+         golden_json["prompts"]["a"]],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    line = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    assert result["pipeline_class"] == ["af2_hf.pipeline_audio_question_answering", "AudioQuestionAnsweringPipeline"]
+    assert result["model_class"] == ["af2_hf.modeling_audioflamingo2", "AudioFlamingo2ForConditionalGeneration"]
+    assert result["answer"] == golden_json["decoded"]["a.greedy"]
+    assert result["no_model_error"].startswith("ValueError: The 'audio-question-answering' pipeline has no default")
+    assert not (tmp_path / "modules").exists()  # no remote code was loaded
+
+
+def test_add_remote_code_moves_an_earlier_layout_to_the_folder_task(tmp_path):
+    """A folder exported before the current layout lists the pipeline under "audio-question-answering" (which
+    shadows the registered pipeline); running add_remote_code again moves it to the folder's own task."""
+    directory = shutil.copytree(converted_tiny_dir(), tmp_path / "old")
+    config = json.loads((directory / "config.json").read_text())
+    config["custom_pipelines"]["audio-question-answering"] = config["custom_pipelines"].pop(
+        "audioflamingo2-audio-question-answering")
+    config["custom_pipelines"]["other-task"] = {"impl": "other.OtherPipeline", "pt": []}
+    (directory / "config.json").write_text(json.dumps(config))
+    add_remote_code(directory)
+    pipelines = json.loads((directory / "config.json").read_text())["custom_pipelines"]
+    assert set(pipelines) == {"audioflamingo2-audio-question-answering", "other-task"}
+    assert not [name for name in os.listdir(directory) if name.startswith(".")]  # no temporary file left

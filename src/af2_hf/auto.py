@@ -27,6 +27,23 @@ __all__ = ["AUDIO_QUESTION_ANSWERING_TASK", "register_auto_classes"]
 AUDIO_QUESTION_ANSWERING_TASK = "audio-question-answering"
 
 
+class _NoDefaultModel(dict):
+    """The task's ``default`` entry: there is no default checkpoint to download, so ``pipeline(task)`` without a
+    model raises a clear error (transformers looks up ``default["model"]``; a missing entry is a bare KeyError)."""
+
+    def __contains__(self, key) -> bool:
+        return key == "model" or super().__contains__(key)
+
+    def __getitem__(self, key):
+        if key == "model":
+            raise ValueError(
+                f"The {AUDIO_QUESTION_ANSWERING_TASK!r} pipeline has no default model: pass one, e.g. "
+                f"pipeline({AUDIO_QUESTION_ANSWERING_TASK!r}, model='path/to/converted-af2') (a folder written by "
+                "`af2-hf convert`)."
+            )
+        return super().__getitem__(key)
+
+
 def register_auto_classes() -> None:
     """Registers the AF2 classes with the Auto classes and the ``audio-question-answering`` pipeline task.
 
@@ -56,6 +73,7 @@ def register_auto_classes() -> None:
             AUDIO_QUESTION_ANSWERING_TASK,
             pipeline_class=AudioQuestionAnsweringPipeline,
             pt_model=AutoModelForMultimodalLM,
+            default=_NoDefaultModel(),
             type="multimodal",
         )
 

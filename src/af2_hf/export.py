@@ -5,29 +5,33 @@ Importing ``af2_hf`` registers the AF2 config, model, processor and feature extr
 :func:`add_remote_code` completes a saved directory, as transformers' ``custom_object_save`` and
 ``Pipeline.save_pretrained`` would:
 
-* it copies every AF2 module the classes and the ``audio-question-answering`` pipeline need (with the modules they
-  import relatively);
+* it copies every AF2 module the classes and the pipeline need (with the modules they import relatively);
 * ``config.json``: ``auto_map`` for ``AutoConfig``, ``AutoModel`` and ``AutoModelForMultimodalLM``, and
-  ``custom_pipelines`` for ``audio-question-answering``;
+  ``custom_pipelines`` for the folder's own task :data:`REMOTE_CODE_TASK`;
 * ``processor_config.json``: ``auto_map`` for ``AutoProcessor``, and in its nested feature extractor also for
   ``AutoFeatureExtractor``.
 
-Then, in a Python without ``af2_hf``::
+The pipeline layout, chosen so that both kinds of user get the pipeline:
 
-    AutoModelForMultimodalLM.from_pretrained(dir, trust_remote_code=True)
-    AutoProcessor.from_pretrained(dir, trust_remote_code=True)
-    pipeline("audio-question-answering", model=dir, trust_remote_code=True)
+* transformers resolves a task listed in a folder's ``custom_pipelines`` to the folder's own code BEFORE its task
+  registry, and such code always needs ``trust_remote_code=True``. The folder therefore lists its pipeline under a
+  task name of its own, :data:`REMOTE_CODE_TASK` (``"audioflamingo2-audio-question-answering"``), never under
+  ``"audio-question-answering"``: with ``af2_hf`` imported, ``pipeline("audio-question-answering", model=dir)``
+  resolves through the registry that ``af2_hf`` fills and needs no ``trust_remote_code``.
+* In a Python without ``af2_hf``::
 
-The weights are not touched, so the converter calls :func:`add_remote_code` on its output directory at no cost.
+      AutoModelForMultimodalLM.from_pretrained(dir, trust_remote_code=True)
+      AutoProcessor.from_pretrained(dir, trust_remote_code=True)
+      pipeline("audioflamingo2-audio-question-answering", model=dir, trust_remote_code=True)
+      pipeline(model=dir, trust_remote_code=True)  # the task is inferred from custom_pipelines
 
-Notes:
+A folder written before this layout (``custom_pipelines`` under ``"audio-question-answering"``) is brought to it by
+running :func:`add_remote_code` on it again.
 
-* transformers resolves a task listed in ``custom_pipelines`` to the directory's own pipeline code, which needs
-  ``trust_remote_code=True`` even when ``af2_hf`` is imported (it then runs the directory's copy of the same code);
-  or pass ``pipeline_class=af2_hf.AudioQuestionAnsweringPipeline``.
-* A model loaded from an exported directory keeps ``custom_pipelines`` in its config; after saving it elsewhere
-  (e.g. a fine-tuned model) run :func:`add_remote_code` on the new directory (or use :func:`save_with_remote_code`)
-  so that the pipeline module is there too.
+The weights are not touched, so the converter calls :func:`add_remote_code` on its output directory at no cost. Files
+are replaced one by one atomically (written beside their target and renamed), the code first and ``config.json``
+last, so an interrupted call never leaves a config that points to missing code. :func:`save_with_remote_code` writes
+a whole new folder atomically (:func:`af2_hf.atomic.atomic_output_dir`).
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_import_files
 
+from .atomic import atomic_output_dir
 from .auto import AUDIO_QUESTION_ANSWERING_TASK
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor
@@ -47,7 +53,12 @@ from .modeling_audioflamingo2 import AudioFlamingo2ForConditionalGeneration, Aud
 from .pipeline_audio_question_answering import AudioQuestionAnsweringPipeline
 from .processing_audioflamingo2 import AudioFlamingo2Processor
 
-__all__ = ["add_remote_code", "remote_code_files", "save_with_remote_code"]
+__all__ = ["REMOTE_CODE_TASK", "add_remote_code", "remote_code_files", "save_with_remote_code"]
+
+# The task under which an exported folder lists its own pipeline code (``custom_pipelines``). It must differ from
+# AUDIO_QUESTION_ANSWERING_TASK: transformers would otherwise take the folder's code (trust_remote_code required)
+# over the registered af2_hf pipeline.
+REMOTE_CODE_TASK = "audioflamingo2-audio-question-answering"
 
 CONFIG_NAME = "config.json"
 PROCESSOR_NAME = "processor_config.json"
@@ -69,7 +80,7 @@ def _config_auto_map() -> dict[str, str]:
 
 def _custom_pipelines() -> dict:
     return {
-        AUDIO_QUESTION_ANSWERING_TASK: {
+        REMOTE_CODE_TASK: {
             "impl": _reference(AudioQuestionAnsweringPipeline),
             "pt": ["AutoModelForMultimodalLM"],
             "type": "multimodal",
@@ -101,9 +112,39 @@ def _read_json(path: Path) -> dict:
         return json.load(handle)
 
 
+def _replace_file(path: Path, write) -> None:
+    """Runs ``write(handle)`` on a temporary file beside ``path`` and renames it to ``path`` (atomic on POSIX)."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
 def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    _replace_file(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    with open(source, "rb") as reader:
+        _replace_file(target, lambda handle: shutil.copyfileobj(reader, handle))
+
+
+def _own_pipelines(custom_pipelines: dict) -> dict:
+    """``custom_pipelines`` without an entry of an earlier layout that lists the AF2 pipeline under the registered
+    task name (it would shadow the registered pipeline and require ``trust_remote_code``)."""
+    ours = _reference(AudioQuestionAnsweringPipeline)
+    return {
+        task: info
+        for task, info in custom_pipelines.items()
+        if not (task == AUDIO_QUESTION_ANSWERING_TASK and isinstance(info, dict) and info.get("impl") == ours)
+    }
 
 
 def add_remote_code(directory: str | os.PathLike) -> list[Path]:
@@ -134,12 +175,8 @@ def add_remote_code(directory: str | os.PathLike) -> list[Path]:
     copied = []
     for source in remote_code_files():
         target = directory / source.name
-        shutil.copyfile(source, target)
+        _copy_file(source, target)
         copied.append(target)
-
-    config["auto_map"] = {**config.get("auto_map", {}), **_config_auto_map()}
-    config["custom_pipelines"] = {**config.get("custom_pipelines", {}), **_custom_pipelines()}
-    _write_json(config_path, config)
 
     processor_entry = {"AutoProcessor": _reference(AudioFlamingo2Processor)}
     feature_extractor_entry = {"AutoFeatureExtractor": _reference(AudioFlamingo2FeatureExtractor), **processor_entry}
@@ -156,28 +193,43 @@ def add_remote_code(directory: str | os.PathLike) -> list[Path]:
         preprocessor = _read_json(preprocessor_path)
         preprocessor["auto_map"] = {**preprocessor.get("auto_map", {}), **feature_extractor_entry}
         _write_json(preprocessor_path, preprocessor)
+
+    # config.json last: it is what makes the folder advertise code that must be there by then.
+    config["auto_map"] = {**config.get("auto_map", {}), **_config_auto_map()}
+    config["custom_pipelines"] = {**_own_pipelines(config.get("custom_pipelines", {})), **_custom_pipelines()}
+    _write_json(config_path, config)
     return copied
 
 
-def save_with_remote_code(model, processor, directory: str | os.PathLike, **save_kwargs) -> Path:
-    """``model.save_pretrained`` + ``processor.save_pretrained`` into ``directory``, then :func:`add_remote_code`.
+def save_with_remote_code(
+    model, processor, directory: str | os.PathLike, overwrite: bool = False, **save_kwargs
+) -> Path:
+    """``model.save_pretrained`` + ``processor.save_pretrained`` + :func:`add_remote_code`, written atomically.
+
+    Everything is written into a temporary folder beside ``directory`` that is renamed to ``directory`` at the end,
+    so an interrupted save leaves no half-written folder, and a re-save never mixes old and new files (e.g. an old
+    ``model.safetensors`` beside new shards).
 
     Args:
         model: an [`AudioFlamingo2ForConditionalGeneration`] (or the base [`AudioFlamingo2Model`]).
         processor: its [`AudioFlamingo2Processor`].
-        directory: the output directory (created if needed).
+        directory: the output directory (its parents are created if needed).
+        overwrite: replace a non-empty ``directory`` whole; without it such a directory is refused.
         save_kwargs: passed to ``model.save_pretrained`` (e.g. ``max_shard_size``).
 
     Returns:
         The output directory.
+
+    Raises:
+        af2_hf.atomic.OutputDirectoryNotEmptyError: ``directory`` is not empty and ``overwrite`` is false.
     """
     if not isinstance(model, (AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model)):
         raise TypeError(f"Expected an Audio Flamingo 2 model, got {type(model).__name__}.")
     if not isinstance(processor, AudioFlamingo2Processor):
         raise TypeError(f"Expected an AudioFlamingo2Processor, got {type(processor).__name__}.")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, **save_kwargs)
-    processor.save_pretrained(directory)
-    add_remote_code(directory)
+    with atomic_output_dir(directory, overwrite=overwrite) as staging:
+        model.save_pretrained(staging, **save_kwargs)
+        processor.save_pretrained(staging)
+        add_remote_code(staging)
     return directory
