@@ -9,6 +9,10 @@ from .modeling_audioflamingo2 import (
     AudioFlamingo2PreTrainedModel,
 )
 from .processing_audioflamingo2 import AudioFlamingo2Processor
+from .configuration_afclap import AFClapConfig
+from .feature_extraction_afclap import AFClapFeatureExtractor, load_afclap_audio
+from .modeling_afclap import AFClapModel, AFClapPreTrainedModel
+from .processing_afclap import AFClapProcessor
 from .tokenization_audioflamingo2 import prepare_af2_tokenizer
 
 # Auto classes, the audio-question-answering pipeline, remote-code export and SoundCoT decoding.
@@ -19,6 +23,11 @@ from .soundcot import soundcot_generate
 
 __all__ = [
     "AUDIO_QUESTION_ANSWERING_TASK",
+    "AFClapConfig",
+    "AFClapFeatureExtractor",
+    "AFClapModel",
+    "AFClapPreTrainedModel",
+    "AFClapProcessor",
     "AudioFlamingo2Config",
     "AudioFlamingo2ForConditionalGeneration",
     "AudioFlamingo2Model",
@@ -28,6 +37,7 @@ __all__ = [
     "AudioLoadError",
     "AudioQuestionAnsweringPipeline",
     "add_remote_code",
+    "load_afclap_audio",
     "load_audio",
     "prepare_af2_tokenizer",
     "save_with_remote_code",

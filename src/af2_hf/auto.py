@@ -22,7 +22,7 @@ from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor
 from .modeling_audioflamingo2 import AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model
 from .pipeline_audio_question_answering import AudioQuestionAnsweringPipeline
 
-__all__ = ["AUDIO_QUESTION_ANSWERING_TASK", "register_auto_classes"]
+__all__ = ["AUDIO_QUESTION_ANSWERING_TASK", "register_afclap_classes", "register_auto_classes"]
 
 AUDIO_QUESTION_ANSWERING_TASK = "audio-question-answering"
 
@@ -78,4 +78,19 @@ def register_auto_classes() -> None:
         )
 
 
+def register_afclap_classes() -> None:
+    """Registers AF-CLAP (``model_type="afclap"``) with AutoConfig/AutoModel/AutoFeatureExtractor/AutoProcessor;
+    transformers' ``zero-shot-audio-classification`` pipeline then loads a converted folder through AutoModel."""
+    from .configuration_afclap import AFClapConfig
+    from .feature_extraction_afclap import AFClapFeatureExtractor
+    from .modeling_afclap import AFClapModel
+    from .processing_afclap import AFClapProcessor
+
+    AutoConfig.register(AFClapConfig.model_type, AFClapConfig, exist_ok=True)
+    AutoModel.register(AFClapConfig, AFClapModel, exist_ok=True)
+    AutoFeatureExtractor.register(AFClapConfig, AFClapFeatureExtractor, exist_ok=True)
+    AutoProcessor.register(AFClapConfig, AFClapProcessor, exist_ok=True)
+
+
 register_auto_classes()
+register_afclap_classes()

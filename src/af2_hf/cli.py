@@ -38,7 +38,9 @@ class CliError(Exception):
 #: Subcommands that live in their own module of ``af2_hf.commands``: name -> (module, one-line help). Each module
 #: defines ``add_arguments(parser)`` and ``run(args) -> int`` and imports torch/transformers only inside ``run`` (so
 #: that ``--help`` stays fast); ``run`` raises :class:`CliError` for user errors.
-COMMAND_MODULES: dict[str, tuple[str, str]] = {}
+COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "clap": ("clap", "AF-CLAP: zero-shot labels of an audio file (clap labels), release conversion (clap convert)"),
+}
 
 
 def _build_parser() -> argparse.ArgumentParser:
