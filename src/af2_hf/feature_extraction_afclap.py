@@ -21,7 +21,9 @@ the LAST start of the last third, i.e. the clip's first and last 10 s and a 10 s
 ``crop_indices`` (one ``(front, middle, back)`` per clip, ``None`` for clips of at most 10 s) to use given crops,
 or ``generator`` (a ``np.random.RandomState`` or ``np.random.Generator``) to draw them as the original does: for
 every clip over 10 s, in order, three ``choice`` calls and one ``randint`` (the original's unused waveform crop),
-so ``np.random.RandomState(seed)`` reproduces the original run after ``np.random.seed(seed)``.
+so ``np.random.RandomState(seed)`` reproduces the original run after ``np.random.seed(seed)``. Where the call cannot
+be given one (transformers' ``zero-shot-audio-classification`` pipeline), set ``feature_extractor.crop_generator``:
+it is used by every call that passes neither, in call order, like the original's global RNG (it is not saved).
 """
 
 from __future__ import annotations
@@ -140,6 +142,13 @@ class AFClapFeatureExtractor(SequenceFeatureExtractor):
         self.max_length_s = max_length_s
         self.mel_floor = mel_floor
         self.do_quantize = do_quantize
+        # A generator used when a call passes none (e.g. inside a pipeline); never saved.
+        self.crop_generator = None
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("crop_generator", None)
+        return output
 
     @property
     def max_samples(self) -> int:
@@ -284,6 +293,8 @@ class AFClapFeatureExtractor(SequenceFeatureExtractor):
         """
         if crop_indices is not None and generator is not None:
             raise ValueError("Pass either crop_indices or generator, not both.")
+        if crop_indices is None and generator is None:
+            generator = self.crop_generator
         clips = self._as_clips(raw_audio, sampling_rate)
         if crop_indices is not None and len(crop_indices) != len(clips):
             raise ValueError(f"crop_indices has {len(crop_indices)} entries for {len(clips)} clips.")
