@@ -197,8 +197,12 @@ def test_empty_and_unsupported_sources(tmp_path):
         load_audio(tmp_path)
     with pytest.raises(AudioLoadError, match="URL"):
         load_audio("https://example.com/a.wav")
-    with pytest.raises(TypeError, match="path"):
+    with pytest.raises(TypeError, match=r"single number \(12345\), not audio"):
         load_audio(12345)
+    with pytest.raises(AudioLoadError, match="0-d array"):
+        load_audio(np.array(0.5))
+    with pytest.raises(TypeError, match="None"):
+        load_audio(None)
     with pytest.raises(TypeError, match="binary"):
         load_audio(io.StringIO("text"))
 
@@ -218,3 +222,227 @@ def test_non_finite_samples_raise(tmp_path):
 def test_invalid_arguments(kwargs, golden_audio_files):
     with pytest.raises(ValueError):
         load_audio(golden_audio_files["a"], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- edge files
+
+# Every format libsndfile writes here, with what a copy cut to 60 % of its bytes gives: "warn" (the samples present,
+# with a warning that the file is truncated) or "error" (AudioLoadError: the stream cannot be decoded).
+FORMATS = {
+    "wav-pcm16": ("wav", "WAV", "PCM_16", "warn"),
+    "wav-pcm24": ("wav", "WAV", "PCM_24", "warn"),
+    "wav-pcm32": ("wav", "WAV", "PCM_32", "warn"),
+    "wav-float": ("wav", "WAV", "FLOAT", "warn"),
+    "wav-double": ("wav", "WAV", "DOUBLE", "warn"),
+    "w64-pcm16": ("w64", "W64", "PCM_16", "warn"),
+    "aiff-pcm16": ("aiff", "AIFF", "PCM_16", "warn"),
+    "au-pcm16": ("au", "AU", "PCM_16", "warn"),
+    "flac-16": ("flac", "FLAC", "PCM_16", "error"),
+    "flac-24": ("flac", "FLAC", "PCM_24", "error"),
+    "ogg-vorbis": ("ogg", "OGG", "VORBIS", "error"),
+    "ogg-opus": ("opus", "OGG", "OPUS", "warn"),
+    "mp3": ("mp3", "MP3", "MPEG_LAYER_III", "warn"),
+    "caf-pcm16": ("caf", "CAF", "PCM_16", "error"),
+}
+TONE = (0.5 * np.sin(np.arange(32000) / 10)).astype(np.float32)
+
+
+def _encoded(kind: str) -> bytes:
+    _, file_format, subtype, _ = FORMATS[kind]
+    buffer = io.BytesIO()
+    sf.write(buffer, TONE, 16000, format=file_format, subtype=subtype)
+    return buffer.getvalue()
+
+
+def _load_logged(source, **kwargs):
+    from transformers.testing_utils import CaptureLogger
+
+    import af2_hf.audio
+
+    with CaptureLogger(af2_hf.audio.logger) as captured:
+        waveform = load_audio(source, **kwargs)
+    return waveform, captured.out
+
+
+@pytest.mark.parametrize("kind", sorted(FORMATS))
+def test_each_format_loads_without_a_warning_under_any_extension(kind, tmp_path):
+    data = _encoded(kind)
+    reference, log = _load_logged(data)
+    assert log == "" and reference.shape == (32000,) and reference.dtype == np.float64
+    lossy = FORMATS[kind][2] in ("VORBIS", "OPUS", "MPEG_LAYER_III")
+    if not lossy:
+        np.testing.assert_allclose(reference, peak_normalize(TONE.astype(np.float64)), atol=2e-4)
+    # libsndfile recognises the content, not the extension: the same bytes under another name load the same.
+    for name in (f"clip.{FORMATS[kind][0]}", "clip.wav", "clip.mp3", "clip.txt", "clip"):
+        (tmp_path / name).write_bytes(data)
+        np.testing.assert_array_equal(load_audio(tmp_path / name), reference)
+
+
+@pytest.mark.parametrize("kind", sorted(FORMATS))
+def test_a_file_cut_short_is_named(kind, tmp_path):
+    data = _encoded(kind)
+    path = tmp_path / f"cut.{FORMATS[kind][0]}"
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    if FORMATS[kind][3] == "warn":
+        waveform, log = _load_logged(path)
+        assert 0 < waveform.shape[0] < 32000
+        assert np.isfinite(waveform).all()
+        assert "cut.%s" % FORMATS[kind][0] in log
+        assert "truncated" in log or "cut short" in log, log
+    else:
+        with pytest.raises(AudioLoadError, match=f"cut.{FORMATS[kind][0]}") as raised:
+            load_audio(path)
+        assert "BytesIO object at" not in str(raised.value)
+
+
+def test_a_wav_header_that_claims_more_data_names_both_sizes(tmp_path):
+    data = _encoded("wav-pcm16")
+    path = tmp_path / "short.wav"
+    path.write_bytes(data[:10044])  # 44-byte header + 10000 bytes of the 64000 it claims
+    waveform, log = _load_logged(path)
+    assert waveform.shape == (5000,)
+    assert "short.wav' is truncated: its header claims 64000 bytes but the file holds 10000" in log
+    # The samples present are exactly the first 5000 of the intact file (before peak normalisation).
+    intact, _ = sf.read(io.BytesIO(data), dtype="float64")
+    np.testing.assert_array_equal(waveform, peak_normalize(intact[:5000]))
+
+
+@pytest.mark.parametrize("kind", sorted(FORMATS))
+def test_zero_length_header_only_and_corrupt_headers(kind, tmp_path):
+    extension = FORMATS[kind][0]
+    empty = tmp_path / f"empty.{extension}"
+    empty.write_bytes(b"")
+    with pytest.raises(AudioLoadError, match=r"empty \(0 bytes\)"):
+        load_audio(empty)
+    data = _encoded(kind)
+    garbage = tmp_path / f"garbage.{extension}"
+    garbage.write_bytes(bytes(range(256)) * 4 + data[1024:])  # the header overwritten
+    with pytest.raises(AudioLoadError, match=f"garbage.{extension}"):
+        load_audio(garbage)
+    header_only = tmp_path / f"header.{extension}"
+    header_only.write_bytes(data[:12])
+    with pytest.raises(AudioLoadError, match=f"header.{extension}"):
+        load_audio(header_only)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"%PDF-1.4\n" + b"x" * 2000, b"\x89PNG\r\n\x1a\n" + b"\x00" * 2000, "un texte, pas du son\n".encode() * 100,
+     b"\x00" * 4096],
+    ids=["pdf", "png", "text", "zeros"],
+)
+def test_non_audio_files_say_so(content, tmp_path):
+    path = tmp_path / "sound.wav"
+    path.write_bytes(content)
+    with pytest.raises(AudioLoadError, match=r"sound.wav.*not audio, or its format is not one libsndfile reads"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        (0.5, TypeError, "single number"),
+        (3, TypeError, "single number"),
+        (np.float32(0.1), TypeError, "single number"),
+        (True, TypeError, "single number"),
+        (np.array(0.25), AudioLoadError, "0-d array"),
+        (np.array([], dtype=np.float32), AudioLoadError, "no samples"),
+        (np.zeros((2, 3, 4), dtype=np.float32), AudioLoadError, "1-D"),
+        (np.array([0.1, np.nan], dtype=np.float32), AudioLoadError, "NaN"),
+        (np.array([1 + 1j, 0j]), TypeError, "complex128"),
+        (["a", "b"], TypeError, "numbers only"),
+        ({"sampling_rate": 16000}, ValueError, "'array'.*'bytes' or 'path'"),
+        ({"array": np.zeros(10)}, ValueError, "needs its 'sampling_rate'"),
+        ({"array": np.zeros(10), "sampling_rate": 0}, ValueError, "positive integer"),
+        (object(), TypeError, "expected a waveform"),
+    ],
+    ids=lambda value: type(value).__name__ if not isinstance(value, str) else value[:12],
+)
+def test_values_that_are_not_audio(value, error, message):
+    with pytest.raises(error, match=message):
+        load_audio(value)
+
+
+# ---------------------------------------------------------------------------------------------------- in memory
+
+
+def test_waveforms_follow_the_file_steps(tmp_path):
+    """A waveform (numpy, torch, list, integer PCM, at another rate) gives what its WAV file gives."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    signal = (0.3 * rng.standard_normal(24000)).clip(-1, 1)
+    pcm = (signal * 32767).astype(np.int16)
+    path = tmp_path / "pcm.wav"
+    sf.write(path, pcm, 24000, subtype="PCM_16")
+    from_file = load_audio(path, max_seconds=0.5)
+    from_pcm = load_audio(pcm, source_sampling_rate=24000, max_seconds=0.5)
+    np.testing.assert_array_equal(from_pcm, from_file)
+    np.testing.assert_array_equal(load_audio({"array": pcm, "sampling_rate": 24000}, max_seconds=0.5), from_file)
+    np.testing.assert_array_equal(load_audio({"raw": torch.from_numpy(pcm), "sampling_rate": 24000},
+                                             max_seconds=0.5), from_file)
+
+    at_target = signal.astype(np.float32)[:16000]
+    kept = load_audio(at_target)
+    assert kept.dtype == np.float32  # no resampling: float32 stays float32, as the feature extractor would see it
+    np.testing.assert_array_equal(kept, peak_normalize(at_target))
+    np.testing.assert_array_equal(load_audio(at_target.tolist()), peak_normalize(at_target.astype(np.float64)))
+    np.testing.assert_array_equal(load_audio(torch.from_numpy(at_target)), kept)
+    np.testing.assert_array_equal(load_audio(at_target, normalize=False), at_target)
+
+
+def test_multichannel_waveforms_keep_channel_zero_with_a_warning():
+    stereo = np.stack([np.linspace(-0.5, 0.5, 1000), np.linspace(0.2, -0.2, 1000)])  # (channels, samples)
+    for layout in (stereo, stereo.T):
+        waveform, log = _load_logged(layout)
+        np.testing.assert_array_equal(waveform, peak_normalize(stereo[0]))
+        assert "only channel 0 is kept" in log
+
+
+def test_waveform_truncation_and_arguments():
+    long = np.full(16000 * 3, 0.25)
+    waveform, log = _load_logged(long, max_seconds=2)
+    assert waveform.shape == (32000,) and "lasts 3.00 s" in log
+    with pytest.raises(ValueError, match="truncation=False"):
+        load_audio(long, max_seconds=2, truncation=False)
+    with pytest.raises(ValueError, match="source_sampling_rate"):
+        load_audio({"array": long, "sampling_rate": 16000}, source_sampling_rate=16000)
+    with pytest.raises(ValueError, match="positive integer"):
+        load_audio(long, source_sampling_rate=-1)
+
+
+def test_datasets_dicts_and_decoders(tmp_path):
+    """{"path", "bytes"} dicts read the bytes (else the path) as a file; a datasets AudioDecoder is read from the
+    file it wraps; any other decoder with get_all_samples() (torchcodec's API) is taken as a waveform."""
+    import torch
+
+    path = tmp_path / "tone.flac"
+    sf.write(path, TONE, 16000, subtype="PCM_16")
+    expected = load_audio(path)
+    np.testing.assert_array_equal(load_audio({"path": str(path), "bytes": None}), expected)
+    np.testing.assert_array_equal(load_audio({"path": "elsewhere.flac", "bytes": path.read_bytes()}), expected)
+
+    class Samples:  # torchcodec.AudioSamples: data (channels, samples) float32, sample_rate
+        def __init__(self, data, sample_rate):
+            self.data, self.sample_rate = data, sample_rate
+
+    class Decoder:  # the torchcodec.decoders.AudioDecoder method load_audio uses
+        def __init__(self, data, rate):
+            self._samples = Samples(torch.as_tensor(data), rate)
+
+        def get_all_samples(self):
+            return self._samples
+
+    stereo = np.stack([TONE, -TONE]).astype(np.float32)
+    decoded = load_audio(Decoder(stereo, 16000))
+    np.testing.assert_array_equal(decoded, peak_normalize(TONE))
+    datasets_decoder = Decoder(np.zeros((1, 10), dtype=np.float32), 8000)
+    datasets_decoder._hf_encoded = {"path": str(path), "bytes": None}
+    np.testing.assert_array_equal(load_audio(datasets_decoder), expected)
+
+    class Broken:
+        def get_all_samples(self):
+            raise RuntimeError("Could not decode stream")
+
+    with pytest.raises(AudioLoadError, match="Could not decode Broken object"):
+        load_audio(Broken())
