@@ -2,13 +2,15 @@
 masking of padded windows, layouts (cross-attention every n layers, untied embeddings) and input validation."""
 
 import copy
+import warnings
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache
+from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 from af2_hf import AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model
-from af2_hf._compat import output_cache
+from af2_hf._compat import CACHE_KEY, output_cache
 from af2_testing import random_features, random_model, tiny_config
 
 
@@ -57,7 +59,7 @@ def test_audio_features_shape_and_batched_tower_calls():
     hook = model.model.audio_tower.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
         with torch.no_grad():
-            audio = model.get_audio_features(random_features(3, 4), torch.ones(3, 4, dtype=torch.long))
+            audio = model.get_audio_features(random_features(3, 4), torch.ones(3, 4, dtype=torch.long)).last_hidden_state
     finally:
         hook.remove()
     assert model.config.audio_tower_batch_size == 8
@@ -85,7 +87,10 @@ def test_prefill_plus_cached_steps_equal_full_forward(cache_arg):
         full = model(**x, use_cache=False).logits
         out = model(**{**x, "input_ids": x["input_ids"][:, :8]}, use_cache=True)
         cache, steps = output_cache(out), [out.logits]
-        assert isinstance(cache, EncoderDecoderCache)
+        # one DynamicCache: the decoder's self-attention layers, then one layer per gated cross-attention block
+        layers = model.config.text_config.num_hidden_layers
+        assert type(cache) is DynamicCache and len(cache.layers) == layers + len(model.model.cross_attention_layers)
+        assert all(layer.keys.shape[-2] == 2 * model.config.tokens_per_window for layer in cache.layers[layers:])
         for t in range(8, 12):
             out = model(input_ids=x["input_ids"][:, t:t + 1], input_features_mask=x["input_features_mask"],
                         **{cache_arg: cache})
@@ -107,14 +112,31 @@ def test_audio_given_again_replaces_the_cached_audio_keys_values():
         cache = output_cache(out)
         naive = model(input_ids=token, cache=cache, input_features_mask=mask, audio_hidden_states=audio)
     torch.testing.assert_close(naive.logits, cached.logits, rtol=1e-5, atol=1e-5)
-    assert all(layer.keys.shape[-2] == audio.shape[1] for layer in cache.cross_attention_cache.layers)
+    cross_layers = cache.layers[model.config.text_config.num_hidden_layers :]
+    assert len(cross_layers) == len(model.model.cross_attention_layers)
+    assert all(layer.keys.shape[-2] == audio.shape[1] for layer in cross_layers)
 
 
-def test_two_different_caches_are_refused():
+def _cache_warnings(model, **inputs) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(**inputs, past_key_values=DynamicCache())
+    return [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_past_key_values_warns_as_transformers_own_models():
+    """`past_key_values=`: transformers >= 5.24 renamed it `cache`; AF2 gives Qwen2's deprecation warning word for word
+    (its own forward's name in it). On older releases it is the name, accepted silently."""
     model = random_model()
-    x = inputs(batch=1, seq=4)
-    with pytest.raises(ValueError, match="either `cache` or `past_key_values`"):
-        model(**x, cache=DynamicCache(), past_key_values=DynamicCache())
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(**model.config.text_config.to_diff_dict())).eval()
+    ids = inputs(batch=1, seq=4)["input_ids"]
+    ours, theirs = _cache_warnings(model, input_ids=ids), _cache_warnings(qwen2, input_ids=ids)
+    if CACHE_KEY == "cache":
+        assert len(theirs) == 1
+        assert ours == [theirs[0].replace(type(qwen2).__name__, type(model).__name__)]
+    else:
+        assert ours == theirs == []
 
 
 def test_cross_attention_every_second_layer_and_untied_embeddings():
@@ -209,6 +231,28 @@ def test_bad_inputs_give_clear_errors():
         model(**{**x, "input_features_mask": torch.ones(2, 3)})
     with pytest.raises(ValueError, match="prefill"):
         model(input_ids=x["input_ids"], input_features_mask=x["input_features_mask"])
+    with pytest.raises(ValueError, match="frames per window; the audio tower takes 1 to 1024"):
+        model(**{**x, "input_features": torch.randn(2, 2, 1025, 64)})
+    with pytest.raises(ValueError, match="no window"):
+        model(**{**x, "input_features": torch.randn(2, 0, 1001, 64), "input_features_mask": torch.ones(2, 0)})
+
+
+def test_bad_audio_shapes_are_refused_before_any_tower_runs():
+    model = random_model()
+    x = inputs()
+    calls = []
+    handles = [module.register_forward_pre_hook(lambda *_: calls.append(1))
+               for module in (model.model.audio_tower, model.model.audio_transformer)]
+    try:
+        for bad in (dict(input_features=torch.randn(2, 2, 1001, 32)), dict(input_features_mask=torch.ones(2, 3)),
+                    dict(input_features=random_features(3, 2), input_features_mask=torch.ones(3, 2)),
+                    dict(input_features=torch.randn(2, 2, 2000, 64))):
+            with pytest.raises(ValueError):
+                model(**{**x, **bad})
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == []
 
 
 def test_text_only_forward_is_the_language_model():
@@ -243,9 +287,9 @@ def test_audio_tower_batch_size_bounds_each_call_and_keeps_the_result():
     try:
         with torch.no_grad():
             model.config.audio_tower_batch_size = None
-            together = model.get_audio_features(features, mask)
+            together = model.get_audio_features(features, mask).last_hidden_state
             model.config.audio_tower_batch_size = 4
-            chunked = model.get_audio_features(features, mask)
+            chunked = model.get_audio_features(features, mask).last_hidden_state
     finally:
         handle.remove()
     assert calls == [6, 4, 2]

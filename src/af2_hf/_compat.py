@@ -2,12 +2,17 @@
 
 * The cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` (forward arguments, model outputs,
   ``generate``'s model kwargs, ``create_causal_mask``); older releases only know ``past_key_values``.
-  :data:`CACHE_KEY` is the name the installed release uses, and the AF2 models accept both spellings.
+  :data:`CACHE_KEY` is the name the installed release uses. The AF2 forwards take ``cache`` and, through
+  :func:`cache_argument`, still accept ``past_key_values``: with a deprecation warning exactly as transformers' own
+  models give it where the release renamed it, silently where ``past_key_values`` is the release's own name.
 * Composite configs: releases before ``SubConfigSpec`` declare sub-configs as ``sub_configs`` and build them in
   ``__post_init__``.
 """
 
+import functools
+
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 
 try:  # transformers >= 5.2x
@@ -25,8 +30,24 @@ def output_cache(output):
     return getattr(output, CACHE_KEY, None)
 
 
-def pick_cache(cache, past_key_values):
-    """Merge the two spellings of the cache argument of an AF2 forward (only one may be given)."""
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Pass the cache as either `cache` or `past_key_values`, not both.")
-    return cache if cache is not None else past_key_values
+def cache_argument(forward):
+    """Decorates a forward whose cache parameter is ``cache`` so that ``past_key_values=`` is also accepted.
+
+    transformers >= 5.24: transformers' own ``deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``, the
+    decorator its models (Qwen2, Llama, Mllama) carry, so the warning is theirs word for word. Older releases, where
+    ``past_key_values`` is the only name: renamed silently (passing both is an error).
+    """
+    if CACHE_KEY == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            past_key_values = kwargs.pop("past_key_values")
+            if kwargs.get("cache") is not None and past_key_values is not None:
+                raise ValueError("Pass the cache as either `cache` or `past_key_values`, not both.")
+            if kwargs.get("cache") is None:
+                kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    return wrapper
