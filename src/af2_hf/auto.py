@@ -80,16 +80,19 @@ def register_auto_classes() -> None:
 
 def register_afclap_classes() -> None:
     """Registers AF-CLAP (``model_type="afclap"``) with AutoConfig/AutoModel/AutoFeatureExtractor/AutoProcessor;
-    transformers' ``zero-shot-audio-classification`` pipeline then loads a converted folder through AutoModel."""
+    transformers' ``zero-shot-audio-classification`` pipeline then loads a converted folder through AutoModel (its
+    implementation becomes :class:`CheckedZeroShotAudioClassificationPipeline`: label checks, AF-CLAP file loading)."""
     from .configuration_afclap import AFClapConfig
     from .feature_extraction_afclap import AFClapFeatureExtractor
     from .modeling_afclap import AFClapModel
+    from . import pipeline_zero_shot_audio_classification as zero_shot
     from .processing_afclap import AFClapProcessor
 
     AutoConfig.register(AFClapConfig.model_type, AFClapConfig, exist_ok=True)
     AutoModel.register(AFClapConfig, AFClapModel, exist_ok=True)
     AutoFeatureExtractor.register(AFClapConfig, AFClapFeatureExtractor, exist_ok=True)
     AutoProcessor.register(AFClapConfig, AFClapProcessor, exist_ok=True)
+    zero_shot.register_pipeline()
 
 
 register_auto_classes()

@@ -171,8 +171,9 @@ class AFClapFeatureExtractor(SequenceFeatureExtractor):
         return audio_url_or_urls
 
     def _as_clips(self, raw_audio, sampling_rate: int | None) -> list[np.ndarray]:
-        if isinstance(raw_audio, (np.ndarray, torch.Tensor)) and raw_audio.ndim == 1:
-            raw_audio = [raw_audio]
+        if isinstance(raw_audio, (np.ndarray, torch.Tensor)):
+            # As transformers' feature extractors: a 1-D array is one clip, a 2-D array a batch of mono clips.
+            raw_audio = [raw_audio] if raw_audio.ndim == 1 else list(raw_audio)
         elif isinstance(raw_audio, (str, os.PathLike, bytes, dict)):
             raw_audio = [raw_audio]
         if not isinstance(raw_audio, (list, tuple)) or len(raw_audio) == 0:
@@ -280,8 +281,9 @@ class AFClapFeatureExtractor(SequenceFeatureExtractor):
         """Fusion inputs of one clip or a list of clips.
 
         Args:
-            raw_audio: a waveform (`np.ndarray`/`torch.Tensor`, `(samples,)` or `(channels, samples)`; channels are
-                averaged), a path / bytes / ``datasets`` audio dict, or a list of them.
+            raw_audio: a waveform (`np.ndarray`/`torch.Tensor` `(samples,)`), a path / bytes / ``datasets`` audio
+                dict, or a list of them; in a list, a `(channels, samples)` array is one multi-channel clip (its
+                channels are averaged); a 2-D array outside a list is a batch of mono clips.
             sampling_rate: the rate of array inputs (resampled to 16 kHz if different; default: 16 kHz).
             crop_indices: per clip ``(front, middle, back)`` frame starts of the fusion crops, or `None` (clips of
                 at most 10 s, or the default rule). See the module docstring.
