@@ -39,6 +39,8 @@ class CliError(Exception):
 #: defines ``add_arguments(parser)`` and ``run(args) -> int`` and imports torch/transformers only inside ``run`` (so
 #: that ``--help`` stays fast); ``run`` raises :class:`CliError` for user errors.
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "serve": ("serve", "OpenAI-compatible HTTP server (chat completions with input_audio; needs the serve extra)"),
+    "demo": ("demo", "Gradio browser demo: upload or record audio, ask, read the answer (needs the serve extra)"),
     "clap": ("clap", "AF-CLAP: zero-shot labels of an audio file (clap labels), release conversion (clap convert)"),
 }
 
