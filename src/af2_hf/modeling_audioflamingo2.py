@@ -22,6 +22,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from ._compat import CACHE_KEY, cache_argument, output_cache
 from .configuration_audioflamingo2 import AudioFlamingo2Config
+from .loading import CheckpointMismatchError, strict_from_pretrained
 
 
 logger = logging.get_logger(__name__)
@@ -339,16 +340,6 @@ class AudioFlamingo2GatedCrossAttentionBlock(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class CheckpointMismatchError(ValueError):
-    """``from_pretrained`` found tensors missing from, unknown to, or shaped differently from an Audio Flamingo 2
-    model (transformers only logs these and initialises the missing weights randomly)."""
-
-
-def _listing(title: str, keys: list[str], limit: int = 50) -> str:
-    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-    return f"{len(keys)} {title}: {shown}"
-
-
 class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     config: AudioFlamingo2Config
     config_class = AudioFlamingo2Config
@@ -396,55 +387,20 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
         r"""
-        [`PreTrainedModel.from_pretrained`], made strict: a checkpoint that does not hold exactly the model's tensors
-        raises [`CheckpointMismatchError`] listing every missing, unexpected and differently shaped tensor, instead of
-        a warning and randomly initialised weights. The return value is unchanged: the model, or ``(model,
-        loading_info)`` with ``output_loading_info=True``.
-
-        Not errors: the ``lm_head`` of a full checkpoint when loading the base [`AudioFlamingo2Model`] (it is
-        dropped, as usual in transformers); differently shaped tensors with ``ignore_mismatched_sizes=True`` (the
-        caller asked for them to be re-initialised).
+        [`PreTrainedModel.from_pretrained`] with Audio Flamingo 2's checks (`af2_hf.loading`): the folder is a model
+        (an original release gets the `af2-hf convert` command), `config.json` is an AF2 one, and local weight files
+        are complete, all before a model is built; then loading is strict: a checkpoint that does not hold exactly the
+        model's tensors raises [`CheckpointMismatchError`] listing every missing, unexpected and differently shaped
+        tensor. `output_loading_info=True` returns `(model, loading_info)` and reports them instead, as transformers
+        does.
 
         Args:
             strict (`bool`, *optional*, defaults to `True`): `False` restores transformers' behaviour (warn,
                 initialise missing weights randomly), e.g. to build a model from a partial checkpoint on purpose.
         """
-        if not strict:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return_info = kwargs.pop("output_loading_info", False)
-        mismatch_allowed = kwargs.get("ignore_mismatched_sizes", False)
-        # Let transformers finish loading a differently shaped tensor (instead of raising without naming it), so that
-        # every problem can be listed at once below.
-        kwargs["ignore_mismatched_sizes"] = True
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        return strict_from_pretrained(
+            super().from_pretrained, cls, pretrained_model_name_or_path, *model_args, strict=strict, **kwargs
         )
-        missing = sorted(info.get("missing_keys") or ())
-        unexpected = sorted(info.get("unexpected_keys") or ())
-        if not hasattr(model, "lm_head"):
-            unexpected = [key for key in unexpected if not key.startswith("lm_head.")]
-        mismatched = [] if mismatch_allowed else sorted(
-            f"{key} (checkpoint {tuple(saved)}, model {tuple(expected)})"
-            for key, saved, expected in (info.get("mismatched_keys") or ())
-        )
-        errors = [str(message) for message in info.get("error_msgs") or ()]
-        if missing or unexpected or mismatched or errors:
-            parts = []
-            if missing:
-                parts.append(_listing("missing tensor(s) (would be randomly initialised)", missing))
-            if unexpected:
-                parts.append(_listing("unexpected tensor(s) (unknown to the model)", unexpected))
-            if mismatched:
-                parts.append(_listing("tensor(s) with another shape", mismatched))
-            if errors:
-                parts.append(_listing("loading error(s)", errors))
-            raise CheckpointMismatchError(
-                f"The checkpoint {str(pretrained_model_name_or_path)!r} does not match {cls.__name__}: "
-                + "; ".join(parts)
-                + ". Pass strict=False to load it anyway (missing weights are then random), or "
-                "ignore_mismatched_sizes=True to re-initialise differently shaped ones."
-            )
-        return (model, info) if return_info else model
 
 
 class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
@@ -872,10 +828,15 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         # of a cache passed in); later forwards read the cached audio keys/values. Whether they are there is read
         # from the cache, not from `is_first_iteration`: an assistant model's or a prompt-lookup prefill is not a
         # first iteration yet finds an empty cache. The window mask is needed at every step.
+        # (transformers' own `prepare_inputs_for_generation` drops `input_features` and its mask after the first
+        # iteration whatever the cache holds.)
         model_inputs["input_features_mask"] = input_features_mask
         if use_cache and not is_first_iteration and self.model.holds_cached_audio(model_inputs.get(CACHE_KEY)):
             model_inputs["input_features"] = None
             model_inputs["audio_hidden_states"] = None
+        else:
+            model_inputs["input_features"] = input_features
+            model_inputs["audio_hidden_states"] = audio_hidden_states
         return model_inputs
 
 
