@@ -51,8 +51,13 @@ def test_setup_and_test_commands_are_what_ci_runs():
 def _offline_equivalent(command: str, golden_dir) -> str:
     argv = shlex.split(command)
     replaced = []
+    clap_golden = golden_dir.parent / "clap_tiny"  # AF-CLAP conversion: its release checkpoint and flan-T5 stand-in
     for arg in argv:
-        if re.fullmatch(r"nvidia/audio-flamingo-2(-[\w.]+)?", arg):
+        if argv[:3] == ["af2-hf", "clap", "convert"] and re.fullmatch(r"nvidia/audio-flamingo-2", arg):
+            arg = str(clap_golden)
+        elif argv[:3] == ["af2-hf", "clap", "convert"] and re.fullmatch(r"google/flan-t5-[\w.]+", arg):
+            arg = str(clap_golden / "flan_t5_tiny")
+        elif re.fullmatch(r"nvidia/audio-flamingo-2(-[\w.]+)?", arg):
             arg = str(golden_dir / "original")
         elif re.fullmatch(r"Qwen/Qwen2\.5-[\w.]+", arg):
             arg = str(golden_dir / "base_lm")

@@ -79,6 +79,26 @@ def load_release_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
+def resolve_checkpoint(source: str | os.PathLike, **hub_kwargs) -> Path:
+    """The release ``.pt`` file: ``source`` itself, the one ``clap_ckpt/*.pt`` of a release folder, or that of a Hub
+    release (e.g. ``nvidia/audio-flamingo-2``, of which only ``clap_ckpt/`` is downloaded)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        text = str(source)
+        if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or text.endswith(".pt"):
+            raise ConversionError(f"AF-CLAP checkpoint {text!r} is neither a file, a release folder nor a Hub id.")
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id=text, allow_patterns=["clap_ckpt/*"], **hub_kwargs))
+    found = sorted((path / "clap_ckpt").glob("*.pt")) or sorted(path.glob("*.pt"))
+    if len(found) != 1:
+        raise ConversionError(f"Expected one AF-CLAP checkpoint in {path}/clap_ckpt (or {path}); found "
+                              f"{[f.name for f in found]}.")
+    return found[0]
+
+
 def resolve_text_source(text_model: str | os.PathLike, **hub_kwargs) -> Path:
     """A local flan-T5 folder as is; otherwise a Hub id whose config and tokenizer files are downloaded."""
     path = Path(text_model).expanduser()
@@ -296,7 +316,7 @@ def convert_afclap_checkpoint(
     """Convert a release checkpoint (``epoch_*.pt``) + the flan-T5 config/tokenizer into ``output_dir``.
 
     Args:
-        checkpoint: the release ``.pt`` file.
+        checkpoint: the release ``.pt`` file, or a release folder / Hub id holding it in ``clap_ckpt/``.
         text_model: the flan-T5 folder or Hub id the original builds its text tower and tokenizer from
             (``google/flan-t5-large`` for the release); only config and tokenizer files are read.
         output_dir: the folder to write (``model.safetensors``, ``config.json``, processor and tokenizer files). It
@@ -310,7 +330,7 @@ def convert_afclap_checkpoint(
     from .atomic import atomic_output_dir
 
     report = ConversionReport()
-    state = load_release_state_dict(checkpoint)
+    state = load_release_state_dict(resolve_checkpoint(checkpoint, **(hub_kwargs or {})))
     text_dir = resolve_text_source(text_model, **(hub_kwargs or {}))
     config = build_afclap_config(state, text_dir)
     model = _load_model(config, convert_afclap_state_dict(state, config, report))

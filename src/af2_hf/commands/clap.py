@@ -1,7 +1,7 @@
 """``af2-hf clap``: AF-CLAP zero-shot labels of an audio file, and conversion of the release checkpoint.
 
     af2-hf clap labels AUDIO --labels "a dog barking" "rain" ... --model DIR_OR_REPO [--template "{}"] [--device D]
-    af2-hf clap convert --checkpoint epoch_15.pt --text-model google/flan-t5-large --output-dir ./afclap-hf
+    af2-hf clap convert --checkpoint nvidia/audio-flamingo-2 --text-model google/flan-t5-large --output-dir ./afclap-hf
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def add_arguments(parser) -> None:
     labels.add_argument("--device", default=None, help="torch device (default: cpu)")
 
     convert = actions.add_parser("convert", help="convert the AF-CLAP release checkpoint to Hugging Face format")
-    convert.add_argument("--checkpoint", required=True, help="the release .pt file (e.g. clap_ckpt/epoch_15.pt)")
+    convert.add_argument("--checkpoint", required=True,
+                         help="the release .pt file, or the AF2 release folder / Hub id holding it in clap_ckpt/ "
+                              "(e.g. nvidia/audio-flamingo-2)")
     convert.add_argument("--text-model", default="google/flan-t5-large",
                          help="flan-T5 folder or Hub id for the text config and tokenizer (default google/flan-t5-large)")
     convert.add_argument("--output-dir", required=True)
