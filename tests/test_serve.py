@@ -21,10 +21,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import openai
 from af2_testing import REPO_ROOT
-
-openai = pytest.importorskip("openai", reason="the serve tests need the openai client (test extra)")
-pytest.importorskip("fastapi", reason="af2-hf serve needs the serve extra")
 
 EXAMPLE_WAV = REPO_ROOT / "examples" / "data" / "example.wav"
 MODEL_NAME = "af2-tiny"  # the folder's name, as in the README

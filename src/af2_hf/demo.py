@@ -16,7 +16,7 @@ from .audio import AudioLoadError, load_audio
 from .serving.engine import Delta, Failed, Finished, GenerationEngine, GenerationRequest, Job, RequestError
 from .serving.model_info import ModelInfo
 
-__all__ = ["EXAMPLE_QUESTIONS", "build_demo"]
+__all__ = ["EXAMPLE_QUESTIONS", "answer_stream", "build_demo", "launch_demo"]
 
 EXAMPLE_QUESTIONS = (
     "What is the sound source in this audio?",
@@ -86,8 +86,7 @@ def build_demo(engine: GenerationEngine, info: ModelInfo, default_max_new_tokens
         except (ValueError, RequestError) as error:
             raise gr.Error(str(error)) from None
 
-    theme = gr.themes.Default(font=list(_SYSTEM_FONTS), font_mono=["ui-monospace", "monospace"])
-    with gr.Blocks(title=f"Audio Flamingo 2 - {info.name}", theme=theme) as demo:
+    with gr.Blocks(title=f"Audio Flamingo 2 - {info.name}") as demo:
         gr.Markdown(_header(info), elem_id="model-info")
         with gr.Row():
             with gr.Column():
@@ -106,3 +105,11 @@ def build_demo(engine: GenerationEngine, info: ModelInfo, default_max_new_tokens
         ask.click(respond, inputs=inputs, outputs=answer)
         question.submit(respond, inputs=inputs, outputs=answer)
     return demo
+
+
+def launch_demo(demo, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+    """Serves ``demo`` (blocks until stopped), with system fonts: the page needs no font download."""
+    import gradio as gr
+
+    theme = gr.themes.Default(font=list(_SYSTEM_FONTS), font_mono=["ui-monospace", "monospace"])
+    demo.queue().launch(server_name=host, server_port=port, share=share, show_error=True, quiet=True, theme=theme)

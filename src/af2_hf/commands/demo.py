@@ -34,7 +34,7 @@ def run(args) -> int:
     except ImportError as error:
         raise CliError(f"af2-hf demo needs the serve extra (pip install -e \".[serve]\"): {error}") from None
     from ..cli import _NO_MODEL_HELP, _load
-    from ..demo import build_demo
+    from ..demo import build_demo, launch_demo
     from ..serving.engine import GenerationEngine
     from ..serving.model_info import describe_model
 
@@ -45,6 +45,5 @@ def run(args) -> int:
     engine = GenerationEngine(pipe.model, pipe.processor)
     demo = build_demo(engine, describe_model(reference, is_tiny), default_max_new_tokens=args.max_new_tokens)
     print(f"Demo of {reference} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                        quiet=True)
+    launch_demo(demo, host=args.host, port=args.port, share=args.share)
     return 0
