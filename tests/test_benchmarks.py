@@ -1,5 +1,7 @@
 """The benchmark scripts run end to end (tiny shapes, CPU) and report what they promise; the device parity script
-passes on CPU against the golden data. Speed itself is never asserted here."""
+passes on CPU against the golden data. Speed itself is never asserted here, and nothing is bounded by time: the runs
+are bounded by work (tiny model, a short long clip, one repetition, a few decode steps), so a slow or busy machine
+only makes them slower."""
 
 import json
 import os
@@ -15,26 +17,29 @@ BENCH = REPO_ROOT / "benchmarks"
 def run_script(name, *args, cwd):
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
     result = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=600)
+                            text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
 def test_benchmark_suite_tiny_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    stdout = run_script("run.py", "--config", "tiny", "--steps", "3", "--batch", "1", "2", "--compile",
-                        "--json", str(out), cwd=tmp_path)
+    # The long clip is 20 s (2 windows) instead of 300 s; compiled decoding is timed on GPUs only (gpu_checks.sh):
+    # its correctness is checked by the device parity test below.
+    stdout = run_script("run.py", "--config", "tiny", "--steps", "2", "--batch", "1", "2", "--repeats", "1",
+                        "--long-seconds", "20", "--json", str(out), cwd=tmp_path)
     results = json.loads(out.read_text())
     names = {row["name"]: row for row in results["rows"]}
-    for expected in ("features 10s", "features 300s", "audio encoding 300s", "time to first token 300s",
-                     "decode b1 10s (cached audio K/V)", "decode b1 300s naive (K/V recomputed)",
-                     "ratio decode(300s)/decode(10s)", "speed-up cached vs naive at 300s",
-                     "peak memory b1 300s generate", "peak memory / weights", "generate b1 10s dynamic cache",
-                     "generate b1 300s static+compile", "generate b2 10s static+compile"):
+    for expected in ("features 10s", "features 20s", "audio encoding 20s", "time to first token 20s",
+                     "decode b1 10s (cached audio K/V)", "decode b1 20s naive (K/V recomputed)",
+                     "ratio decode(20s)/decode(10s)", "speed-up cached vs naive at 20s",
+                     "peak memory b1 20s generate", "peak memory / weights", "generate b1 10s dynamic cache",
+                     "generate b1 20s dynamic cache", "generate b2 10s dynamic cache"):
         assert expected in names, expected
         assert names[expected]["value"] > 0, expected
+    assert not any("300s" in name or "compile" in name for name in names)
     assert results["weight_bytes"] > 0
-    assert "| ratio decode(300s)/decode(10s)" in stdout
+    assert "| ratio decode(20s)/decode(10s)" in stdout
 
 
 def test_device_parity_script_passes_on_cpu(tmp_path):

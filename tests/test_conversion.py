@@ -230,13 +230,17 @@ def test_bfloat16_output(golden_root, golden, tmp_path):
     assert relative_error(clap_out.flatten(2).transpose(1, 2), golden["a.clap_out"]) <= 2e-2  # bf16 weights
 
 
-def test_cli(golden_root, tmp_path):
+def test_cli(golden_root, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["--af2-dir", str(golden_root / "original"), "--text-model", str(golden_root / "base_lm"),
                  "--output-dir", str(out), "--no-progress"]) == 0
     assert (out / "config.json").is_file()
+    capsys.readouterr()
     assert main(["--af2-dir", str(tmp_path / "missing"), "--text-model", str(golden_root / "base_lm"),
-                 "--output-dir", str(tmp_path / "x"), "--no-progress"]) == 1
+                 "--output-dir", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: conversion failed, nothing was written" in err and "missing' is neither a directory" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_text_model_defaults_to_yaml_path(golden_root, baseline):

@@ -1,5 +1,6 @@
 """Audio Flamingo 2 as a native Hugging Face Transformers model."""
 
+from ._version import __version__
 from .audio import AudioLoadError, load_audio
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor

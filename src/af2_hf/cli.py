@@ -1,10 +1,14 @@
-"""The ``af2-hf`` command line: ``ask``, ``convert`` and ``make-tiny``.
+"""The ``af2-hf`` command line: ``ask``, ``make-tiny`` and the subcommands of :data:`COMMAND_MODULES` (``convert``...).
 
     af2-hf ask AUDIO "QUESTION" --model DIR_OR_REPO [--greedy] [--max-new-tokens N] [--soundcot] [--device D]
     af2-hf convert --af2-dir nvidia/audio-flamingo-2 --text-model Qwen/Qwen2.5-3B --output-dir ./af2-3b-hf [...]
     af2-hf make-tiny OUTDIR [--seed N] [--max-num-windows N]
 
-Exit codes: 0 success, 1 conversion failure, 2 usage or input error (no usable model, unreadable audio, ...).
+Exit codes: 0 success, 2 usage or input error (no usable model, unreadable audio, a release that does not convert,
+no network for a Hub id, ...): a message on stderr, no traceback. Anything else is a bug.
+
+The console script enters through :mod:`af2_hf_cli`, which builds the parser before ``af2_hf/__init__`` (torch,
+transformers) runs; :func:`main` completes the package import once a command is about to run.
 """
 
 from __future__ import annotations
@@ -35,10 +39,27 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+def complete_package_import() -> None:
+    """Runs ``af2_hf/__init__`` if the console script deferred it (:mod:`af2_hf_cli`): registers the Auto classes."""
+    package = sys.modules.get("af2_hf")
+    if package is not None and package.__dict__.pop("_af2_hf_init_deferred", False):
+        package.__spec__.loader.exec_module(package)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input rather than a bug: typed ``OSError`` / ``ValueError`` subclasses the
+    package raises (unreadable audio, a release that does not convert, a corrupt checkpoint, no network for a Hub
+    id...), and safetensors' error for a corrupt file. :func:`main` prints them without a traceback, exit code 2."""
+    from safetensors import SafetensorError
+
+    return CliError, OSError, ValueError, SafetensorError
+
+
 #: Subcommands that live in their own module of ``af2_hf.commands``: name -> (module, one-line help). Each module
 #: defines ``add_arguments(parser)`` and ``run(args) -> int`` and imports torch/transformers only inside ``run`` (so
 #: that ``--help`` stays fast); ``run`` raises :class:`CliError` for user errors.
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "convert": ("convert", "convert an original AF2 release (safe_ckpt + clap_ckpt + yaml) to Hugging Face format"),
     "serve": ("serve", "OpenAI-compatible HTTP server (chat completions with input_audio; needs the serve extra)"),
     "demo": ("demo", "Gradio browser demo: upload or record audio, ask, read the answer (needs the serve extra)"),
     "clap": ("clap", "AF-CLAP: zero-shot labels of an audio file (clap labels), release conversion (clap convert)"),
@@ -69,13 +90,6 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
     ask.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
-    commands.add_parser(
-        "convert",
-        help="convert an original AF2 release (safe_ckpt + clap_ckpt + yaml) to Hugging Face format",
-        description="Options as conversion/convert_af2_to_hf.py; see `af2-hf convert --help`.",
-        add_help=False,
-    )
-
     tiny = commands.add_parser("make-tiny", help="write a tiny random-weight AF2 checkpoint (offline; answers are noise)")
     tiny.add_argument("outdir", help="output directory")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
@@ -87,48 +101,120 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SUPPORTED_MODEL_TYPES = ("audioflamingo2", "audioflamingo3", "qwen2_audio")  # what the pipeline runs
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def check_device(device: str | None) -> str:
+    """``device`` (default: cuda when available, else cpu) if torch can use it; CliError naming the problem."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                           f"{'no GPU found' if torch.version.cuda else 'a CPU-only build'}); use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CliError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here.")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {device!r}: MPS is not available here; use --device cpu.")
+    return device
+
+
+def _original_release_hint(path: Path, reference: str) -> str:
+    """The ``af2-hf convert`` command for a folder in the ORIGINAL release layout, else ''."""
+    if not ((path / "safe_ckpt").is_dir() or (path / "clap_ckpt").is_dir() or any(path.glob("configs/*.yaml"))):
+        return ""
+    return (f"{reference!r} is an ORIGINAL Audio Flamingo 2 release (safe_ckpt/, clap_ckpt/, a yaml), not a "
+            "converted model. Convert it first:\n"
+            f"  af2-hf convert --af2-dir {reference} --output-dir {reference.rstrip('/')}-hf\n"
+            f"then pass --model {reference.rstrip('/')}-hf.")
+
+
+def check_model_folder(path: Path, reference: str) -> None:
+    """CliError unless ``path`` looks like a converted model folder: not empty, not an original release, a readable
+    config.json of a model type the pipeline runs, and weights."""
+    import json
+
+    if not any(path.iterdir()):
+        raise CliError(f"Model folder {reference!r} is empty: it holds no model.\n\n{_NO_MODEL_HELP}")
+    hint = _original_release_hint(path, reference)
+    if hint:
+        raise CliError(hint)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        content = ", ".join(sorted(p.name for p in path.iterdir())[:8])
+        raise CliError(f"Model folder {reference!r} has no config.json, so it is not a Hugging Face model folder "
+                       f"(it holds: {content}).\n\n{_NO_MODEL_HELP}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CliError(f"{config_file} is not valid JSON (corrupt or truncated?): {error}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in _SUPPORTED_MODEL_TYPES:
+        raise CliError(f"{reference!r} holds a {model_type!r} model, not an Audio Flamingo 2 model (config.json "
+                       f"model_type {model_type!r}; `af2-hf ask` runs {', '.join(_SUPPORTED_MODEL_TYPES)}).")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise CliError(f"Model folder {reference!r} has a config.json but no weights ({_WEIGHT_FILES[0]} or "
+                       "an index of shards): an incomplete copy or conversion?")
+
+
+def resolve_model_reference(model_reference: str) -> tuple[str, bool]:
+    """``(reference, local_files_only)`` for ``--model``: a checked local folder, or a Hub id that can be fetched
+    now (or is cached); CliError otherwise, without waiting on the network."""
+    from .hub_access import hub_files_mode
+
+    path = Path(model_reference).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--model {model_reference!r} is a file; pass a model folder.\n\n{_NO_MODEL_HELP}")
+    if path.is_dir():
+        check_model_folder(path, model_reference)
+        return str(path), False
+    if model_reference.startswith((".", "/", "~")) or model_reference.count("/") > 1:
+        raise CliError(f"Model folder {model_reference!r} does not exist.\n\n{_NO_MODEL_HELP}")
+    try:
+        return model_reference, hub_files_mode(model_reference, "--model")
+    except OSError as error:
+        raise CliError(f"{error}\n\n{_NO_MODEL_HELP}") from None
+
+
 def _load(model_reference: str, device: str | None):
     """(pipeline, is_random_tiny) for a local directory or a Hub repo; CliError with guidance otherwise."""
-    import torch
+    device = check_device(device)
+    reference, local_files_only = resolve_model_reference(model_reference)
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForMultimodalLM, AutoProcessor
 
     from .pipeline_audio_question_answering import AudioQuestionAnsweringPipeline
     from .tiny import RANDOM_WEIGHTS_MARKER
 
-    path = Path(model_reference).expanduser()
-    if path.exists() and not path.is_dir():
-        raise CliError(f"--model {model_reference!r} is a file; pass a model directory.\n\n{_NO_MODEL_HELP}")
-    if not path.exists() and (model_reference.startswith((".", "/", "~")) or model_reference.count("/") > 1):
-        raise CliError(f"Model directory {model_reference!r} does not exist.\n\n{_NO_MODEL_HELP}")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            hint = ""
-            if (path / "safe_ckpt").is_dir():
-                hint = (
-                    " It looks like an ORIGINAL release (safe_ckpt/): convert it first with\n"
-                    f"  af2-hf convert --af2-dir {model_reference} --output-dir {model_reference.rstrip('/')}-hf\n"
-                )
-            raise CliError(f"{model_reference!r} has no config.json: not a Hugging Face model directory.{hint}\n"
-                           f"{_NO_MODEL_HELP}")
-        reference = str(path)
-    else:
-        reference = model_reference
+    hub = {"trust_remote_code": False, "local_files_only": local_files_only}
     try:
-        config = AutoConfig.from_pretrained(reference, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(reference, **hub)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CliError(
-            f"Could not load the model {model_reference!r} (no local directory of that name, and it could not be "
-            f"downloaded from the Hub - no network, or not a Hugging Face model): {first_line}\n\n{_NO_MODEL_HELP}"
-        ) from None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        hint = ""
+        if "config.json" in first_line and not Path(reference).is_dir():
+            hint = (f"\nIf {reference} is an ORIGINAL release on the Hub (safe_ckpt/, clap_ckpt/, a yaml), convert "
+                    f"it first: af2-hf convert --af2-dir {reference} --output-dir ./{reference.split('/')[-1]}-hf")
+        raise CliError(f"Could not load the model config of {model_reference!r}: {first_line}{hint}\n\n"
+                       f"{_NO_MODEL_HELP}") from None
+    if config.model_type not in _SUPPORTED_MODEL_TYPES:
+        raise CliError(f"{model_reference!r} holds a {config.model_type!r} model, not an Audio Flamingo 2 model.")
     try:
-        model = AutoModelForMultimodalLM.from_pretrained(reference, config=config, trust_remote_code=False)
-        processor = AutoProcessor.from_pretrained(reference, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise CliError(f"Could not load the model/processor from {model_reference!r}: {error}") from None
+        model = AutoModelForMultimodalLM.from_pretrained(reference, config=config, **hub)
+        processor = AutoProcessor.from_pretrained(reference, **hub)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise CliError(f"Could not load the model/processor from {model_reference!r} (corrupt or incomplete "
+                       f"files?): {error}") from None
     pipe = AudioQuestionAnsweringPipeline(model=model.eval(), processor=processor, device=device)
+    path = Path(reference)
     return pipe, path.is_dir() and (path / RANDOM_WEIGHTS_MARKER).is_file()
 
 
@@ -164,17 +250,6 @@ def _ask(args) -> int:
     return 0
 
 
-def _convert(argv: list[str]) -> int:
-    from .convert_af2 import main as convert_main
-
-    try:
-        return convert_main(argv)
-    except OSError as error:
-        print(f"error: conversion could not read its inputs: {error}\n"
-              "(Hub ids need internet; a local folder works offline.)", file=sys.stderr)
-        return 2
-
-
 def _make_tiny(args) -> int:
     from .tiny import make_tiny_model
 
@@ -191,25 +266,27 @@ def _make_tiny(args) -> int:
     return 0
 
 
+def run_command(run, args) -> int:
+    """``run(args)``; a user error (:func:`user_errors`) is printed as ``error: ...`` on stderr, exit code 2."""
+    try:
+        return run(args)
+    except user_errors() as error:
+        message = str(error) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "convert":
-        return _convert(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "ask":
-            return _ask(args)
-        if args.command == "make-tiny":
-            return _make_tiny(args)
-        if args.command in COMMAND_MODULES:
-            module = importlib.import_module(f"af2_hf.commands.{COMMAND_MODULES[args.command][0]}")
-            return module.run(args)
-    except CliError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    complete_package_import()
+    if args.command == "ask":
+        return run_command(_ask, args)
+    if args.command == "make-tiny":
+        return run_command(_make_tiny, args)
+    module = importlib.import_module(f"af2_hf.commands.{COMMAND_MODULES[args.command][0]}")
+    return run_command(module.run, args)
 
 
 if __name__ == "__main__":
