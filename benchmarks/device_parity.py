@@ -5,7 +5,8 @@ stage with the original implementation's outputs: log-mel features computed on t
 from a waveform tensor already there, which must stay there), AF-CLAP output, audio embeddings, logits (single,
 padded batch), greedy ids and step logits, beam ids; in float32 (the project bar: ||err|| / ||ref|| <= 1e-4 per
 stage, ids exact) and, for information, the same model in bfloat16 (agreement of the greedy ids and relative errors;
-not a pass/fail criterion). Also: greedy decoding with a static cache + fullgraph torch.compile, the
+not a pass/fail criterion). AF-CLAP (../shared/golden/clap_tiny, or --clap-golden): embeddings, T5 states, logits and
+zero-shot argmax on the device (:func:`afclap_parity`). Also: greedy decoding with a static cache + fullgraph torch.compile, the
 audio-question-answering pipeline on the device, and on CUDA three cached decode steps without host synchronisation.
 
     python benchmarks/device_parity.py --device cuda --json parity.json
@@ -36,12 +37,66 @@ def rel(actual, expected) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+def afclap_parity(device: torch.device, clap_golden_dir: Path, model_dir: Path | None = None) -> list[tuple]:
+    """AF-CLAP on ``device`` against the original (../shared/golden/clap_tiny): ``(check, value, ok, unit)`` rows for
+    the HTSAT embedding, the normalised audio/text embeddings, the T5 states, the logits and the zero-shot argmax in
+    float32 (max-norm relative error <= 1e-4, the golden README's measure), and the logits in bfloat16 for
+    information. The fusion crops are the ones the original drew."""
+    from af2_hf import AFClapModel, AFClapProcessor
+    from af2_hf.convert_afclap import convert_afclap_checkpoint
+
+    golden = load_file(str(clap_golden_dir / "expected.safetensors"))
+    spec = json.loads((clap_golden_dir / "expected.json").read_text())
+    if model_dir is None:
+        model_dir = Path(tempfile.mkdtemp(prefix="afclap_parity_")) / "converted"
+        convert_afclap_checkpoint(clap_golden_dir / spec["files"]["checkpoint"], clap_golden_dir / spec["files"][
+            "t5_stand_in"], model_dir, verbose=False)
+    processor = AFClapProcessor.from_pretrained(model_dir)
+    names = list(spec["clips"])
+    crops = [None if spec["fusion"][n]["fusion_choice"] is None else tuple(
+        spec["fusion"][n]["fusion_choice"][k] for k in ("idx_front", "idx_middle", "idx_back")) for n in names]
+    inputs = processor(text=json.loads((clap_golden_dir / "labels.json").read_text()), crop_indices=crops,
+                       audio=[str(clap_golden_dir / "audio" / spec["clips"][n]["file"]) for n in names])
+
+    def max_norm(actual, expected):
+        actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+        return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+    rows = []
+    for dtype_name in ("float32", "bfloat16"):
+        dtype = getattr(torch, dtype_name)
+        model = AFClapModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        features = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = model(**features)
+            if dtype_name == "float32":
+                stages = {
+                    "audio.embedding": model.encode_audio(features["input_features"], features["is_longer"]).pooler_output,
+                    "audio.embed": out.audio_embeds,
+                    "text.last_hidden_state": out.text_model_output.last_hidden_state,
+                    "text.embed": out.text_embeds,
+                    "logits_per_audio": out.logits_per_audio,
+                }
+                for name, value in stages.items():
+                    err = max_norm(value, golden[name])
+                    rows.append((f"afclap {name} on {device.type}", err, err <= TOL, "rel"))
+                same = torch.equal(out.logits_per_audio.argmax(-1).cpu(), golden["logits_per_audio"].argmax(-1))
+                rows.append((f"afclap zero-shot argmax on {device.type}", float(same), same, "exact"))
+            else:
+                rows.append((f"afclap logits_per_audio {dtype_name}", max_norm(out.logits_per_audio,
+                             golden["logits_per_audio"]), True, "rel (information)"))
+        del model
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--golden", default=str(Path(__file__).resolve().parents[1].parent / "shared/golden/tiny"))
     parser.add_argument("--no-compile", action="store_true", help="skip the static cache + torch.compile check")
     parser.add_argument("--json", default="device_parity.json")
+    parser.add_argument("--clap-golden", default=str(Path(__file__).resolve().parents[1].parent / "shared/golden/clap_tiny"),
+                        help="AF-CLAP golden folder (default ../shared/golden/clap_tiny)")
     args = parser.parse_args()
 
     golden_dir, device = Path(args.golden), torch.device(args.device)
@@ -164,6 +219,12 @@ def main() -> int:
     except Exception as error:  # reported as a failed check
         ok, unit = False, f"{type(error).__name__}: {error}"[:200]
     check(f"pipeline answer on {device.type}", float(ok), ok, unit)
+
+    if Path(args.clap_golden, "expected.safetensors").is_file():
+        for name, value, ok, unit in afclap_parity(device, Path(args.clap_golden)):
+            check(name, value, ok, unit)
+    else:
+        check("afclap golden folder", 0.0, False, f"missing: {args.clap_golden}")
 
     width = max(len(r["check"]) for r in rows)
     print(f"device={device} torch={torch.__version__}")

@@ -299,3 +299,17 @@ def test_cli_clap_errors_exit_2(tmp_path, capsys):
 
 def test_names_of_golden_clips():
     assert tuple(expected_json()["clips"]) == CLIP_NAMES
+
+
+def test_device_parity_rows_on_cpu():
+    """benchmarks/device_parity.py's AF-CLAP rows (run on CUDA by benchmarks/gpu_checks.sh) pass on the CPU."""
+    import importlib.util
+
+    from clap_testing import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("device_parity", REPO_ROOT / "benchmarks" / "device_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.afclap_parity(torch.device("cpu"), clap_golden_dir(), converted_clap_dir())
+    assert [name for name, _, ok, _ in rows if not ok] == []
+    assert {"afclap audio.embed on cpu", "afclap text.embed on cpu", "afclap zero-shot argmax on cpu"} <= {r[0] for r in rows}
