@@ -1,5 +1,6 @@
-"""examples/finetune.py and examples/evaluate.py on a tiny model: a couple of steps / examples each, stage and LoRA
-runs, adapter vs merged evaluation, manifests and argument errors."""
+"""examples/finetune.py and `af2-hf evaluate` on a tiny model: a couple of steps / examples each, stage and LoRA
+runs, adapter vs merged evaluation, manifests and argument errors; examples/evaluate.py (the Python API in a few
+lines) gives the command's results."""
 
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import soundfile as sf
 import torch
 
 from af2_hf import AudioFlamingo2ForConditionalGeneration
+from af2_hf.cli import main as cli_main
 from af2_hf.training import ManifestError, read_manifest
 from test_training import make_tiny_af2, tone
 
@@ -43,6 +45,16 @@ def workspace(tmp_path_factory):
     return root
 
 
+def evaluate(workspace, model, output, *extra):
+    """``af2-hf evaluate`` on the workspace manifest: (summary, predictions in example order)."""
+    output = workspace / output
+    assert cli_main(["evaluate", str(workspace / "train.jsonl"), "--model", str(model), "--output", str(output),
+                     "--max-new-tokens", "3", "--overwrite", *extra]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["index"] for row in rows] == list(range(len(rows)))
+    return json.loads(output.with_name(output.stem + ".summary.json").read_text()), rows
+
+
 def base_args(workspace, output):
     return [
         "--model", str(workspace / "model"), "--train_manifest", str(workspace / "train.jsonl"),
@@ -53,7 +65,7 @@ def base_args(workspace, output):
 
 
 def test_finetune_stage_then_evaluate(workspace, capsys):
-    finetune, evaluate = load_example_script("finetune"), load_example_script("evaluate")
+    finetune = load_example_script("finetune")
     trainer = finetune.main([*base_args(workspace, "sft"), "--stage", "sft", "--eval_manifest",
                              str(workspace / "train.jsonl"), "--generation_eval_examples", "2"])
     out = workspace / "sft"
@@ -70,35 +82,38 @@ def test_finetune_stage_then_evaluate(workspace, capsys):
     assert torch.equal(tuned["model.language_model.layers.1.self_attn.q_proj.weight"],
                        start["model.language_model.layers.1.self_attn.q_proj.weight"])
 
-    predictions = workspace / "predictions.jsonl"
-    summary, answers = evaluate.main(["--model", str(out), "--manifest", str(workspace / "train.jsonl"),
-                                      "--batch_size", "3", "--max_new_tokens", "3", "--output", str(predictions)])
+    summary, rows = evaluate(workspace, out, "predictions.jsonl")
     err = capsys.readouterr().err
-    assert "generating" in err and "4/4" in err  # tqdm progress bar
-    assert summary["total"] == summary["examples"] == 4 and 0 <= summary["accuracy"] <= 1
-    records = [json.loads(line) for line in predictions.read_text().splitlines()]
-    assert [r["prediction"] for r in records] == answers
-    assert all({"correct", "selected", "choices", "answer"} <= set(r) for r in records)
-    assert sum(r["correct"] for r in records) == summary["correct"]
+    assert "evaluating" in err and "4/4" in err and "example/s" in err  # tqdm progress bar with the rate
+    overall = summary["overall"]
+    assert summary["complete"] and overall["examples"] == overall["graded"] == 4 and 0 <= overall["accuracy"] <= 1
+    assert all({"correct", "selected", "choices", "answer", "prediction"} <= set(row) for row in rows)
+    assert sum(row["correct"] for row in rows) == overall["correct"]
+
+    python_output = workspace / "predictions-python.jsonl"
+    example = load_example_script("evaluate").main(
+        ["--model", str(out), str(workspace / "train.jsonl"), str(python_output), "--max_new_tokens", "3"]
+    )
+    python_rows = [json.loads(line) for line in python_output.read_text().splitlines()]
+    assert [r["prediction"] for r in python_rows] == [r["prediction"] for r in rows]
+    assert example["overall"] == overall
 
 
 def test_finetune_lora_adapter_and_merged_model_agree(workspace):
-    finetune, evaluate = load_example_script("finetune"), load_example_script("evaluate")
+    finetune = load_example_script("finetune")
     trainer = finetune.main([*base_args(workspace, "lora"), "--lora", "--lora_r", "4", "--lora_alpha", "8",
                              "--learning_rate", "5e-2", "--merge_lora"])
     out = workspace / "lora"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
     assert trainer.state.global_step == 2
-    manifest = str(workspace / "train.jsonl")
-    with_adapter, predictions_adapter = evaluate.main(["--model", str(workspace / "model"), "--adapter", str(out),
-                                                       "--manifest", manifest, "--no_progress"])
-    merged, predictions_merged = evaluate.main(["--model", str(out / "merged"), "--manifest", manifest,
-                                                "--no_progress"])
-    assert predictions_adapter == predictions_merged and with_adapter == merged
-    base, predictions_base = evaluate.main(["--model", str(workspace / "model"), "--manifest", manifest,
-                                            "--no_progress", "--limit", "2"])
-    assert base["examples"] == 2
+    with_adapter, rows_adapter = evaluate(workspace, workspace / "model", "adapter.jsonl", "--adapter", str(out),
+                                          "--no-progress")
+    merged, rows_merged = evaluate(workspace, out / "merged", "merged.jsonl", "--no-progress")
+    assert [r["prediction"] for r in rows_adapter] == [r["prediction"] for r in rows_merged]
+    assert with_adapter["overall"] == merged["overall"]
+    base, _ = evaluate(workspace, workspace / "model", "base.jsonl", "--no-progress", "--limit", "2")
+    assert base["examples"] == base["written"] == 2
 
 
 def test_finetune_argument_errors(workspace):
@@ -113,9 +128,10 @@ def test_finetune_argument_errors(workspace):
     bad.write_text('{"audio": "clips/0.wav", "prompt": "q", "answer": "a"}\n{"audio": "clips/0.wav"}\n')
     with pytest.raises(ManifestError, match="bad.jsonl:2: missing field 'prompt'"):
         finetune.main([*args[:2], "--train_manifest", str(bad), *args[4:]])
-    evaluate = load_example_script("evaluate")
     with pytest.raises(SystemExit):
-        evaluate.main(["--model", str(workspace / "model"), "--manifest", str(bad), "--batch_size", "0"])
+        cli_main(["evaluate", str(bad), "--model", str(workspace / "model"), "--output", "x.jsonl", "--batch-size", "0"])
+    assert cli_main(["evaluate", str(bad), "--model", str(workspace / "model"), "--output",
+                     str(workspace / "bad-out.jsonl")]) == 2
 
 
 def test_read_manifest(workspace, tmp_path):

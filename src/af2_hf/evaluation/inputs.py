@@ -137,13 +137,32 @@ def _from_manifest(path: Path, audio_root, columns: Columns, default_task, defau
     return ExampleTable(rows, [entry["audio"] for entry in entries], source=str(path))
 
 
+def _load_audiofolder(path: Path):
+    import datasets
+
+    try:
+        return datasets.load_dataset("audiofolder", data_dir=str(path))
+    except Exception as error:  # datasets wraps the builder's ImportError in DatasetGenerationError
+        chain, cause = [], error
+        while cause is not None and len(chain) < 10:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any("torchcodec" in str(cause) for cause in chain):
+            raise EvaluationInputError(
+                f"Reading the audiofolder {str(path)!r} goes through datasets' Audio feature, which needs torchcodec "
+                "(and FFmpeg) from datasets 4 on: install torchcodec, or give the rows as a JSONL manifest of audio "
+                "paths, a parquet file or a save_to_disk folder."
+            ) from None
+        raise
+
+
 def _load_dataset(path: Path, split: str | None):
     import datasets
 
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
     elif path.is_dir():
-        loaded = datasets.load_dataset("audiofolder", data_dir=str(path))
+        loaded = _load_audiofolder(path)
     elif path.suffix in _FILE_BUILDERS:
         loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path))
     else:
