@@ -63,6 +63,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "serve": ("serve", "OpenAI-compatible HTTP server (chat completions with input_audio; needs the serve extra)"),
     "demo": ("demo", "Gradio browser demo: upload or record audio, ask, read the answer (needs the serve extra)"),
     "clap": ("clap", "AF-CLAP: zero-shot labels of an audio file (clap labels), release conversion (clap convert)"),
+    "evaluate": ("evaluate", "evaluate or label a dataset (JSONL manifest or datasets), in one process or many"),
 }
 
 
