@@ -60,6 +60,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 #: that ``--help`` stays fast); ``run`` raises :class:`CliError` for user errors.
 COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "convert": ("convert", "convert an original AF2 release (safe_ckpt + clap_ckpt + yaml) to Hugging Face format"),
+    "example-audio": ("example_audio", "write the 3-second example clip (for trying the commands)"),
     "serve": ("serve", "OpenAI-compatible HTTP server (chat completions with input_audio; needs the serve extra)"),
     "demo": ("demo", "Gradio browser demo: upload or record audio, ask, read the answer (needs the serve extra)"),
     "clap": ("clap", "AF-CLAP: zero-shot labels of an audio file (clap labels), release conversion (clap convert)"),
@@ -96,6 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.add_argument("--max-num-windows", type=int, default=30,
                       help="10-second windows the feature extractor keeps (default 30 = 5 minutes)")
+    tiny.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTDIR whole")
     for name, (module_name, help_text) in COMMAND_MODULES.items():
         module = importlib.import_module(f"af2_hf.commands.{module_name}")
         module.add_arguments(commands.add_parser(name, help=help_text))
@@ -132,10 +134,10 @@ def _original_release_hint(path: Path, reference: str) -> str:
     """The ``af2-hf convert`` command for a folder in the ORIGINAL release layout, else ''."""
     if not ((path / "safe_ckpt").is_dir() or (path / "clap_ckpt").is_dir() or any(path.glob("configs/*.yaml"))):
         return ""
-    return (f"{reference!r} is an ORIGINAL Audio Flamingo 2 release (safe_ckpt/, clap_ckpt/, a yaml), not a "
+    return (f"{reference!r} is an ORIGINAL release of Audio Flamingo 2 (safe_ckpt/, clap_ckpt/, a yaml), not a "
             "converted model. Convert it first:\n"
             f"  af2-hf convert --af2-dir {reference} --output-dir {reference.rstrip('/')}-hf\n"
-            f"then pass --model {reference.rstrip('/')}-hf.")
+            f"then pass --model {reference.rstrip('/')}-hf.\n\n{_NO_MODEL_HELP}")
 
 
 def check_model_folder(path: Path, reference: str) -> None:
@@ -259,11 +261,16 @@ def _make_tiny(args) -> int:
     out = Path(args.outdir)
     if out.exists() and not out.is_dir():
         raise CliError(f"{args.outdir!r} exists and is not a directory.")
-    model, _ = make_tiny_model(out, seed=args.seed, max_num_windows=args.max_num_windows)
+    try:
+        model, _ = make_tiny_model(out, seed=args.seed, max_num_windows=args.max_num_windows,
+                                   overwrite=args.overwrite)
+    except FileExistsError as error:
+        raise CliError(f"{error} (--overwrite)") from None
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"Wrote a tiny RANDOM-weight Audio Flamingo 2 ({parameters:.1f}M parameters) to {out}.")
     print("Its answers are noise: it is for trying the commands offline. Try:")
-    print(f'  af2-hf ask examples/data/example.wav "What is the sound source in this audio?" --model {out}')
+    print("  af2-hf example-audio ./example.wav")
+    print(f'  af2-hf ask ./example.wav "What is the sound source in this audio?" --model {out}')
     return 0
 
 

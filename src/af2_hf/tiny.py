@@ -11,7 +11,6 @@ The tokenizer is a byte-level BPE trained here on a short built-in text, with th
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
@@ -84,6 +83,7 @@ def make_tiny_model(
     seed: int = 0,
     max_num_windows: int = 30,
     remote_code: bool = True,
+    overwrite: bool = False,
 ):
     """Writes a tiny random AF2 checkpoint to ``out_dir`` and returns ``(model, processor)``.
 
@@ -93,10 +93,12 @@ def make_tiny_model(
     ``max_new_tokens`` 256). ``save_pretrained`` writes the model and processor code (the AF2 classes are
     registered for remote code); ``remote_code`` also runs :func:`af2_hf.add_remote_code` (the ``AutoModel`` entry
     and the ``audio-question-answering`` pipeline, which ``pipeline()`` then loads only with
-    ``trust_remote_code=True``).
+    ``trust_remote_code=True``). The folder is written beside ``out_dir`` and renamed at the end; a non-empty
+    ``out_dir`` is refused unless ``overwrite`` (then replaced whole).
     """
     from transformers import GenerationConfig
 
+    from .atomic import atomic_output_dir
     from .configuration_audioflamingo2 import AudioFlamingo2Config
     from .export import add_remote_code
     from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor
@@ -125,6 +127,7 @@ def make_tiny_model(
             tie_word_embeddings=True,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         ),
         audio_transformer_num_layers=1,
         audio_transformer_num_heads=2,
@@ -170,15 +173,14 @@ def make_tiny_model(
     )
     processor = AudioFlamingo2Processor(AudioFlamingo2FeatureExtractor(max_num_windows=max_num_windows), tokenizer)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    if remote_code:
-        add_remote_code(out_dir)
-    (out_dir / RANDOM_WEIGHTS_MARKER).write_text(
-        "This Audio Flamingo 2 checkpoint was made by `af2-hf make-tiny`: tiny and RANDOM weights.\n"
-        "Its answers are noise; use it to try the commands, the pipeline and the export offline.\n",
-        encoding="utf-8",
-    )
+    with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if remote_code:
+            add_remote_code(staging)
+        (staging / RANDOM_WEIGHTS_MARKER).write_text(
+            "This Audio Flamingo 2 checkpoint was made by `af2-hf make-tiny`: tiny and RANDOM weights.\n"
+            "Its answers are noise; use it to try the commands, the pipeline and the export offline.\n",
+            encoding="utf-8",
+        )
     return model, processor
