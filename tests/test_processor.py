@@ -219,8 +219,14 @@ def test_chat_template_batch_and_assistant_mask(golden, golden_json, golden_proc
 
 
 def test_chat_template_errors(golden_processor, golden_audio_files, tmp_path):
-    with pytest.raises(Exception, match="user and assistant"):
-        golden_processor.apply_chat_template([{"role": "system", "content": "hi"}])
+    with pytest.raises(Exception, match="system, user and assistant"):
+        golden_processor.apply_chat_template([{"role": "tool", "content": "hi"}])
+    with pytest.raises(Exception, match="one system turn, first"):
+        golden_processor.apply_chat_template([{"role": "user", "content": "q"}, {"role": "system", "content": "s"}])
+    with pytest.raises(Exception, match="cannot contain audio"):
+        golden_processor.apply_chat_template(
+            [{"role": "assistant", "content": [{"type": "audio", "path": golden_audio_files["a"]}]}]
+        )
     with pytest.raises(ValueError, match="exactly one of"):
         golden_processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "audio", "path": golden_audio_files["a"], "url": "x"}]}],
@@ -266,7 +272,9 @@ def test_save_and_load(tmp_path, golden, golden_json, golden_processor, golden_a
     assert (tmp_path / "chat_template.jinja").read_text() == AF2_CHAT_TEMPLATE
     loaded = AudioFlamingo2Processor.from_pretrained(tmp_path)
     assert isinstance(loaded.feature_extractor, AudioFlamingo2FeatureExtractor)
-    assert loaded.feature_extractor.to_dict() == golden_processor.feature_extractor.to_dict()
+    # The loaded feature extractor also carries the auto_map of the file (as AutoFeatureExtractor gives it).
+    loaded_settings = {k: v for k, v in loaded.feature_extractor.to_dict().items() if k != "auto_map"}
+    assert loaded_settings == golden_processor.feature_extractor.to_dict()
     assert loaded.chat_template == golden_processor.chat_template
     assert len(loaded.tokenizer) == golden_json["token_ids"]["len_tokenizer"]
     assert (loaded.audio_token_id, loaded.end_of_chunk_token_id) == (
@@ -291,8 +299,10 @@ def test_count_mismatch(golden_json, golden_processor):
         golden_processor(text=[golden_json["prompts"]["a"]] * 2, audio=np.zeros(160), sampling_rate=16000)
     with pytest.raises(ValueError, match="1 text"):
         golden_processor(text="q", audio=[np.zeros(160), np.zeros(160)], sampling_rate=16000)
-    with pytest.raises(ValueError, match="no audio"):
-        golden_processor(text="q")
+    with pytest.raises(ValueError, match="no audio inputs"):
+        golden_processor(text="<audio>q<SEP>")
+    with pytest.raises(ValueError, match="its audio is None"):
+        golden_processor(text=["<audio>q<SEP>", "b"], audio=[None, np.zeros(160)], sampling_rate=16000)
     with pytest.raises(ValueError, match="2 <audio>"):
         golden_processor(text="<audio><audio>q<SEP>", audio=np.zeros(160), sampling_rate=16000)
 
@@ -326,3 +336,112 @@ def test_audio_only_call(golden, golden_processor):
     out = golden_processor(audio=golden["a.waveform"].numpy(), sampling_rate=16000, return_tensors="pt")
     assert set(out) == {"input_features", "input_features_mask"}
     assert relative_error(out["input_features"][0], golden["a.mel"]) <= MAX_RELATIVE_ERROR
+
+
+# ---------------------------------------------------------------------------------------------------- transformers contracts
+
+
+def test_text_only_call_returns_the_tokenized_prompt(golden_processor, af2_tokenizer):
+    out = golden_processor(text=["what is 2 + 2?<SEP>", "Hi"], return_tensors="pt")
+    assert set(out) == {"input_ids", "attention_mask"}
+    expected = af2_tokenizer(["what is 2 + 2?<SEP>", "Hi"], padding=True, padding_side="left", return_tensors="pt")
+    assert_equal(out["input_ids"], expected["input_ids"])
+    assert_equal(out["attention_mask"], expected["attention_mask"])
+
+
+def test_mixed_batch_gives_text_only_samples_an_empty_window_mask(golden, golden_json, golden_processor, af2_tokenizer):
+    question = golden_json["prompts"]["a"]
+    single = golden_processor(text=question, audio=golden["a.waveform"].numpy(), sampling_rate=16000,
+                              return_tensors="pt")
+    # One audio per text (None: no audio) ...
+    mixed = golden_processor(text=[question, "<audio>x<SEP>", "plain text<SEP>"],
+                             audio=[golden["a.waveform"].numpy(), golden["b.waveform"].numpy(), None],
+                             sampling_rate=16000, padding_side="right", return_tensors="pt")
+    assert_equal(mixed["input_features_mask"][2], torch.zeros_like(mixed["input_features_mask"][2]))
+    windows = single["input_features"].shape[1]
+    assert_equal(mixed["input_features"][0, :windows], single["input_features"][0])
+    assert_equal(mixed["input_ids"][0, : single["input_ids"].shape[1]], single["input_ids"][0])
+    # ... or one audio per <audio> placeholder, in order.
+    by_slot = golden_processor(text=["plain text<SEP>", "<audio>x<SEP>"], audio=[golden["b.waveform"].numpy()],
+                               sampling_rate=16000, return_tensors="pt")
+    assert by_slot["input_features_mask"][0].sum() == 0 and by_slot["input_features_mask"][1].sum() > 0
+    assert_equal(by_slot["input_features"][1], mixed["input_features"][1, : by_slot["input_features"].shape[1]])
+    tail = af2_tokenizer("plain text<SEP>", add_special_tokens=False)["input_ids"]
+    assert by_slot["input_ids"][0, -len(tail):].tolist() == tail
+
+
+def test_tokenizer_init_kwargs_are_defaults(golden_dir, golden_feature_extractor):
+    tokenizer = prepare_af2_tokenizer(AutoTokenizer.from_pretrained(golden_dir / "base_lm", padding_side="right",
+                                                                     max_length=7, padding="max_length"))
+    processor = AudioFlamingo2Processor(golden_feature_extractor, tokenizer)
+    out = processor(text="ab")
+    assert len(out["input_ids"][0]) == 7 and out["attention_mask"][0][0] == 1  # right-padded to 7
+    assert processor(text="ab", padding_side="left", padding=True)["input_ids"][0] == tokenizer("ab")["input_ids"]
+
+
+def test_call_signature_names_only_text_and_audio(golden_processor):
+    import inspect
+
+    parameters = inspect.signature(AudioFlamingo2Processor.__call__).parameters
+    assert [name for name in parameters if name not in ("self", "kwargs")] == ["text", "audio"]
+    with pytest.raises(ValueError, match="text and audio only"):
+        golden_processor(text="q", videos=[np.zeros((2, 3, 4, 4))])
+
+
+def test_save_pretrained_leaves_the_processor_unchanged_and_round_trips_auto_map(tmp_path, golden_processor):
+    import json
+
+    before = (golden_processor.to_dict(), dict(golden_processor.feature_extractor.__dict__),
+              dict(golden_processor.tokenizer.__dict__), dict(golden_processor.tokenizer.init_kwargs))
+    golden_processor.save_pretrained(tmp_path / "first")
+    after = (golden_processor.to_dict(), dict(golden_processor.feature_extractor.__dict__),
+             dict(golden_processor.tokenizer.__dict__), dict(golden_processor.tokenizer.init_kwargs))
+    assert after == before
+    first = json.loads((tmp_path / "first" / "processor_config.json").read_text())
+    assert first["auto_map"] == {"AutoProcessor": "processing_audioflamingo2.AudioFlamingo2Processor"}
+    loaded = AudioFlamingo2Processor.from_pretrained(tmp_path / "first")
+    loaded.save_pretrained(tmp_path / "second")
+    assert json.loads((tmp_path / "second" / "processor_config.json").read_text()) == first
+    assert AudioFlamingo2Processor.from_pretrained(tmp_path / "second").to_dict() == loaded.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------------- chat turns
+
+
+def test_chat_template_system_turn_and_multi_turn(golden_processor, golden_audio_files):
+    conversation = [
+        {"role": "system", "content": "  You are an AUDIO expert. "},
+        user_turn("What is it?", golden_audio_files["a"]),
+        {"role": "assistant", "content": "A Dog."},
+        {"role": "user", "content": [{"type": "text", "text": "And THEN?"}]},
+    ]
+    rendered = golden_processor.apply_chat_template(conversation)
+    assert rendered == "you are an audio expert. <audio>what is it?<SEP>a dog.<|endofchunk|><|endoftext|>and then?<SEP>"
+    out = golden_processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
+    assert out["input_ids"][0] == golden_processor.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert out["input_features_mask"][0].sum() == 1
+    # Without audio: the same prompt without the <audio> slot, as the original's text-only prompts.
+    text_only = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]
+    assert golden_processor.apply_chat_template(text_only) == "be brief. why?<SEP>"
+    assert golden_processor.apply_chat_template(text_only[1:]) == golden_processor.format_prompt("Why?", audio=False)
+    ids = golden_processor.apply_chat_template(text_only, tokenize=True, return_dict=True)
+    assert set(ids) == {"input_ids", "attention_mask"}
+
+
+def test_chat_template_continues_a_final_message_verbatim(golden_processor):
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "It is A"}]
+    assert golden_processor.apply_chat_template(conversation, continue_final_message=True) == "q<SEP>It is A"
+    ids = golden_processor.apply_chat_template(conversation, continue_final_message=True, tokenize=True)
+    assert ids[0] == golden_processor.tokenizer("q<SEP>It is A", add_special_tokens=False)["input_ids"]
+
+
+def test_chat_batch_mixes_text_only_and_audio(golden, golden_json, golden_processor, golden_audio_files):
+    conversations = [
+        [{"role": "user", "content": "Count to three."}],
+        [user_turn(golden_json["prompts"]["c"], golden_audio_files["c"])],
+    ]
+    out = golden_processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt")
+    assert out["input_features_mask"][0].sum() == 0
+    assert_equal(out["input_features_mask"][1], golden["c.window_mask"].long())
+    c_ids = golden["c.input_ids"][0]
+    assert_equal(out["input_ids"][1, -c_ids.shape[0]:], c_ids)

@@ -1,4 +1,5 @@
-"""Tokenizer set-up of Audio Flamingo 2: a base Qwen2(.5) tokenizer plus the AF2 special tokens."""
+"""Tokenizer set-up of Audio Flamingo 2: a base Qwen2(.5) tokenizer plus the AF2 special tokens, and the plain-text
+encoder that keeps user text from turning into control tokens."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ __all__ = [
     "AF2_END_OF_CHUNK_TOKEN",
     "AF2_PAD_TOKEN",
     "AF2_SEP_TOKEN",
+    "plain_text_tokenizer",
     "prepare_af2_tokenizer",
 ]
 
@@ -44,3 +46,31 @@ def prepare_af2_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedToken
     if tokenizer.sep_token is None:
         tokenizer.add_special_tokens({"sep_token": AF2_SEP_TOKEN})
     return tokenizer
+
+
+def plain_text_tokenizer(tokenizer: PreTrainedTokenizerBase):
+    """The backend pipeline of ``tokenizer`` (normaliser, pre-tokeniser, model, post-processor) WITHOUT its added
+    vocabulary, as a ``tokenizers.Tokenizer``: text it encodes never becomes an added or special token.
+
+    ``split_special_tokens=True`` only splits tokens marked special; tokens added as non-special (Qwen2.5's
+    ``<tool_call>``, ``<|fim_prefix|>``, ...) would still be matched. Text without any added-token string gets the
+    ids (and offsets) that ``tokenizer`` gives it, because ``tokenizer`` runs the same pipeline on the text between
+    its added tokens.
+
+    Raises:
+        TypeError: ``tokenizer`` has no ``tokenizers`` backend (a slow tokenizer).
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(
+            f"{type(tokenizer).__name__} has no `tokenizers` backend: Audio Flamingo 2 encodes user text apart from "
+            "its control tokens with a fast tokenizer (load it with AutoTokenizer.from_pretrained(..., use_fast=True))."
+        )
+    plain = Tokenizer(backend.model)
+    plain.normalizer = backend.normalizer
+    plain.pre_tokenizer = backend.pre_tokenizer
+    plain.post_processor = backend.post_processor
+    plain.decoder = backend.decoder
+    return plain
