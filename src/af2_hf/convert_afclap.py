@@ -330,12 +330,14 @@ def convert_afclap_checkpoint(
     from .atomic import atomic_output_dir
 
     report = ConversionReport()
-    state = load_release_state_dict(resolve_checkpoint(checkpoint, **(hub_kwargs or {})))
-    text_dir = resolve_text_source(text_model, **(hub_kwargs or {}))
-    config = build_afclap_config(state, text_dir)
-    model = _load_model(config, convert_afclap_state_dict(state, config, report))
-    processor = _processor(text_dir, config)
+    # The target is checked first (a non-empty folder is refused before any work); nothing appears there unless the
+    # whole conversion succeeds.
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
+        state = load_release_state_dict(resolve_checkpoint(checkpoint, **(hub_kwargs or {})))
+        text_dir = resolve_text_source(text_model, **(hub_kwargs or {}))
+        config = build_afclap_config(state, text_dir)
+        model = _load_model(config, convert_afclap_state_dict(state, config, report))
+        processor = _processor(text_dir, config)
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if remote_code:
