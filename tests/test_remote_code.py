@@ -33,8 +33,9 @@ CODE_FILES = {
 
 def test_the_converter_exports_remote_code():
     directory = converted_tiny_dir()
-    assert {path.name for path in remote_code_files()} == CODE_FILES
-    for name in CODE_FILES:
+    copied = {path.name for path in remote_code_files()}
+    assert copied >= CODE_FILES  # and any module those import relatively
+    for name in copied:
         assert (directory / name).read_bytes() == (PACKAGE_DIR / name).read_bytes(), name
         # Only relative imports among the copied modules: no absolute import of the package.
         assert not re.search(r"^\s*(from|import)\s+af2_hf\b", (directory / name).read_text(), re.MULTILINE), name

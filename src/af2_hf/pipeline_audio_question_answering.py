@@ -1,8 +1,12 @@
-"""The ``audio-question-answering`` pipeline: one audio + one question in, one generated answer out.
+"""The ``audio-question-answering`` pipeline: an audio (or none) + a question in, one generated answer out.
 
 Works with Audio Flamingo 2 (the original prompt format and answer decoding), and with any audio-text-to-text model
 whose processor takes ``processor(text=..., audio=...)`` and has a chat template placing the audio (transformers'
 Audio Flamingo 3 and Qwen2-Audio, for example).
+
+The steps, one function or method each: :func:`split_input` (what an input holds) -> :meth:`preprocess` (the audio
+through :func:`af2_hf.load_audio`, the one loader of the package; the text) -> :meth:`_collate` (one processor call
+per batch) -> :meth:`_forward` (``generate``, answer decoding, SoundCoT) -> :meth:`postprocess`.
 
 This module is copied into exported checkpoints (remote code): it only imports transformers, third-party packages and
 its sibling modules relatively.
@@ -21,15 +25,17 @@ from transformers.pipelines.base import Pipeline
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.utils import logging
 
-from .audio import AudioLoadError, _describe, _open_source
+from .audio import is_waveform, load_audio
 from .soundcot import SOUNDCOT_MAX_LENGTH, SOUNDCOT_MAX_NEW_TOKENS, reask, soundcot_question
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["AudioQuestionAnsweringPipeline"]
+__all__ = ["AudioQuestionAnsweringPipeline", "split_input"]
 
-_WAVEFORM_KEYS = ("raw", "array")
-_ALLOWED_DICT_KEYS = {"audio", "question", "raw", "array", "sampling_rate", "path", "bytes"}
+# Keys of a pipeline input dict: the pipeline's own and those of an audio value (a ``datasets`` audio dict, or
+# {"raw", "sampling_rate"} as the ASR pipeline takes).
+_AUDIO_VALUE_KEYS = {"raw", "array", "sampling_rate", "path", "bytes"}
+_PIPELINE_KEYS = {"audio", "question"}
 
 
 def _is_af2_processor(processor) -> bool:
@@ -37,46 +43,67 @@ def _is_af2_processor(processor) -> bool:
     return hasattr(processor, "format_prompt") and hasattr(processor, "decode_answer")
 
 
-def _decode_audio_file(source, sampling_rate: int) -> np.ndarray:
-    """Generic decoding for non-AF2 models: libsndfile, channels averaged (as librosa.load), librosa resampling."""
-    import soundfile as sf
+def split_input(item) -> tuple[Any, Any]:
+    """One pipeline input -> (its audio value, or `None` for a text-only prompt; its own question or `None`).
 
-    name = _describe(source)
-    handle = _open_source(source)
-    try:
-        data, rate = sf.read(handle, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, EOFError, OSError) as error:
-        raise AudioLoadError(f"Could not read audio from {name}: {error}") from error
-    if data.size == 0:
-        raise AudioLoadError(f"Audio source {name} contains no samples.")
-    waveform = data.mean(axis=1)
-    if rate != sampling_rate:
-        import librosa
+    An input is an audio value (anything [`af2_hf.load_audio`] reads), `None` (no audio), or a dict: ``{"audio":
+    <audio value or None>, "question": str}``; a dict without ``"audio"`` is itself an audio value
+    (``{"array", "sampling_rate"}``, ``{"path", "bytes"}``, ``{"raw", "sampling_rate"}``), optionally with a
+    ``"question"``; ``{"question": str}`` alone is a text-only prompt.
+    """
+    if not isinstance(item, dict):
+        return item, None
+    unknown = set(item) - _AUDIO_VALUE_KEYS - _PIPELINE_KEYS
+    if unknown:
+        raise ValueError(
+            f"Unexpected key(s) {sorted(unknown)} in an input dict; use 'audio' and 'question', or "
+            "'raw'/'array' with 'sampling_rate' (also 'path'/'bytes' as in a datasets audio column)."
+        )
+    question = item.get("question")
+    if "audio" in item:
+        extra = set(item) - _PIPELINE_KEYS
+        if extra:
+            raise ValueError(f"An input dict with 'audio' takes only 'question' beside it, got {sorted(extra)}.")
+        if isinstance(item["audio"], dict) and "question" in item["audio"]:
+            raise ValueError("Give the question once, beside 'audio', not inside it.")
+        return item["audio"], question
+    audio = {key: value for key, value in item.items() if key != "question"}
+    if sum(audio.get(key) is not None for key in ("raw", "array")) > 1:
+        raise ValueError("An input dict takes one of 'raw' and 'array', not both.")
+    return (audio or None), question
 
-        waveform = librosa.resample(waveform, orig_sr=rate, target_sr=sampling_rate)
-    return np.ascontiguousarray(waveform, dtype=np.float32)
+
+def _chat(question: str, has_audio: bool) -> list[dict]:
+    content = ([{"type": "audio"}] if has_audio else []) + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
 
 
 class AudioQuestionAnsweringPipeline(Pipeline):
     """
-    Answers a question about an audio clip with a generative audio-language model (e.g. Audio Flamingo 2).
+    Answers a question about an audio clip (or a text-only question) with a generative audio-language model (e.g.
+    Audio Flamingo 2).
 
     Inputs (each with a question):
 
-    - a path to an audio file (any format libsndfile reads), ``bytes`` of such a file, or a binary file object;
-    - a 1-D numpy array / torch tensor at ``sampling_rate`` (default: the feature extractor's rate);
-    - ``{"raw": array, "sampling_rate": sr}`` (as the ASR pipeline) or ``{"array": array, "sampling_rate": sr}``
-      (a decoded ``datasets`` audio column); waveforms at another rate are resampled with librosa;
+    - anything [`af2_hf.load_audio`] reads: a path to an audio file (any format libsndfile reads), ``bytes`` of such
+      a file, a binary file object, a 1-D numpy array / torch tensor at ``sampling_rate`` (default: the feature
+      extractor's rate; other rates are resampled), a ``datasets`` audio value (``{"array", "sampling_rate"}``,
+      ``{"path", "bytes"}`` from ``Audio(decode=False)``, or the ``AudioDecoder`` of ``datasets`` 4+), or
+      ``{"raw": array, "sampling_rate": sr}`` (as the ASR pipeline);
+    - `None`: a text-only prompt (no audio): ``pipe(None, question="...")``, ``pipe(question="...")`` or
+      ``{"audio": None, "question": "..."}``;
     - ``{"audio": <any of the above>, "question": "..."}``; a ``question`` key in the dict overrides the
       ``question=`` argument, which is the default for every input.
 
     Call forms: ``pipe(audio, question="...")``, ``pipe({"audio": ..., "question": ...})``, a list of inputs (with
     ``batch_size=N`` to batch them; ``question`` may then also be a list, one per input), a generator or a dataset.
+    A batch may mix samples with and without audio: a text-only sample gets an all-zero ``input_features_mask`` row
+    and the model skips its gated cross-attention blocks.
 
     Parameters (at construction or per call): ``question``, ``sampling_rate``, ``max_new_tokens``,
     ``generate_kwargs`` (passed to ``generate``; generation parameters such as ``do_sample=False`` are accepted
-    directly too), ``soundcot`` (Audio Flamingo 2 SoundCoT decoding, see ``af2_hf.soundcot``) and
-    ``processor_kwargs``.
+    directly too), ``soundcot`` (Audio Flamingo 2 SoundCoT decoding, see ``af2_hf.soundcot``; audio samples only)
+    and ``processor_kwargs``.
 
     Returns ``{"answer": str}`` per input (a list of such dicts per input when ``num_return_sequences > 1``). For
     Audio Flamingo 2 the answer is decoded exactly as the original ``predict`` does (the text after the last
@@ -166,18 +193,24 @@ class AudioQuestionAnsweringPipeline(Pipeline):
     # ------------------------------------------------------------------ call
 
     def __call__(self, inputs=None, **kwargs):
-        """Answers ``question`` about each audio input; see the class docstring for the accepted forms.
+        """Answers ``question`` about each input (an audio, or `None` for a text-only prompt); see the class
+        docstring for the accepted forms.
 
         Returns:
             ``{"answer": str}`` for one input, a list of those for a list of inputs (an iterator for a generator or
             dataset).
         """
-        if inputs is None:
-            if "audio" not in kwargs:
-                raise ValueError("Pass an audio input: pipe(audio, question='...').")
+        if "audio" in kwargs:
+            if inputs is not None:
+                raise ValueError("Pass the audio once: pipe(audio, question=...) or pipe(audio=..., question=...).")
             inputs = kwargs.pop("audio")
+        if inputs is None and "question" not in kwargs:
+            raise ValueError("Pass a question: pipe(audio, question='...'), or pipe(None, question='...') without "
+                             "audio.")
         question = kwargs.get("question")
         if isinstance(question, (list, tuple)):
+            if inputs is None:
+                inputs = [None] * len(question)
             if not isinstance(inputs, (list, tuple)) or len(inputs) != len(question):
                 raise ValueError("A list of questions needs a list of inputs of the same length.")
             kwargs.pop("question")
@@ -187,11 +220,8 @@ class AudioQuestionAnsweringPipeline(Pipeline):
 
     @staticmethod
     def _with_question(item, question):
-        if isinstance(item, dict) and "audio" in item:
-            return {**item, "question": question}
-        if isinstance(item, dict):
-            return {"audio": {k: v for k, v in item.items() if k != "question"}, "question": question}
-        return {"audio": item, "question": question}
+        audio, _ = split_input(item)
+        return {"audio": audio, "question": question}
 
     def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
         model_inputs = self._collate([self.preprocess(inputs, **preprocess_params)])
@@ -218,113 +248,63 @@ class AudioQuestionAnsweringPipeline(Pipeline):
 
     # ------------------------------------------------------------------ preprocess
 
-    def _split_input(self, item):
-        """-> (audio source or waveform, its sampling rate or None, the item's question or None)."""
-        if isinstance(item, dict):
-            unknown = set(item) - _ALLOWED_DICT_KEYS
-            if unknown:
-                raise ValueError(
-                    f"Unexpected key(s) {sorted(unknown)} in an input dict; use 'audio' and 'question', or "
-                    "'raw'/'array' with 'sampling_rate' (also 'path'/'bytes' as in a datasets audio column)."
-                )
-            question = item.get("question")
-            if "audio" in item:
-                extra = set(item) - {"audio", "question"}
-                if extra:
-                    raise ValueError(f"An input dict with 'audio' takes only 'question' beside it, got {sorted(extra)}.")
-                audio, rate, inner_question = self._split_input(item["audio"])
-                if inner_question is not None:
-                    raise ValueError("Give the question once, beside 'audio', not inside it.")
-                return audio, rate, question
-            waveform_keys = [key for key in _WAVEFORM_KEYS if item.get(key) is not None]
-            if len(waveform_keys) > 1:
-                raise ValueError("An input dict takes one of 'raw' and 'array', not both.")
-            if waveform_keys:
-                if item.get("sampling_rate") is None:
-                    raise ValueError(
-                        f"An input dict with {waveform_keys[0]!r} needs its 'sampling_rate', e.g. "
-                        "{'raw': waveform, 'sampling_rate': 16000}."
-                    )
-                return item[waveform_keys[0]], item["sampling_rate"], question
-            if item.get("bytes") is not None:
-                return item["bytes"], None, question
-            if item.get("path") is not None:
-                return item["path"], None, question
-            raise ValueError("An input dict needs 'audio', 'raw' or 'array' (with 'sampling_rate'), 'bytes' or 'path'.")
-        return item, None, None
-
-    def _waveform(self, audio, rate, target_rate: int) -> np.ndarray:
-        if isinstance(audio, torch.Tensor):
-            audio = audio.detach().cpu().float().numpy()
-        if not isinstance(audio, np.ndarray):
-            raise TypeError(
-                "Audio must be a path, bytes, a binary file object, a 1-D numpy array / torch tensor, or a dict "
-                f"('raw'/'array' + 'sampling_rate', or 'audio' + 'question'); got {type(audio).__name__}."
-            )
-        if audio.ndim != 1:
-            raise ValueError(f"A waveform must be 1-D (mono), got shape {tuple(audio.shape)}.")
-        if audio.size == 0:
-            raise ValueError("The waveform is empty.")
-        if not np.issubdtype(audio.dtype, np.floating):
-            raise TypeError(f"A waveform must hold floating-point samples, got dtype {audio.dtype}.")
-        if not np.isfinite(audio).all():
-            raise ValueError("The waveform contains NaN or infinite samples.")
-        if rate is None:
-            rate = target_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
-            raise ValueError(f"sampling_rate must be a positive integer, got {rate!r}.")
-        if rate != target_rate:
-            import librosa
-
-            audio = librosa.resample(audio.astype(np.float64), orig_sr=int(rate), target_sr=target_rate)
-        return audio
-
-    def _load(self, audio, target_rate: int):
-        if isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(audio, "read"):
-            if _is_af2_processor(self.processor):
-                # The original read_audio: at most max_num_windows windows, channel 0, soxr resampling, peak norm.
-                return self.processor.feature_extractor.fetch_audio(audio)
-            return _decode_audio_file(audio, target_rate)
-        return None
-
-    def _prompt(self, question: str) -> str:
-        processor = self.processor
-        if _is_af2_processor(processor):
-            return processor.format_prompt(question)
-        if getattr(processor, "chat_template", None):
-            conversation = [
-                {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}
-            ]
-            return processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        audio_token = getattr(processor, "audio_token", None)
-        if audio_token:
-            return f"{audio_token}{question}"
-        raise ValueError(
-            f"{type(processor).__name__} has no chat template and no audio_token: the pipeline cannot build a prompt."
+    def _load(self, audio, sampling_rate):
+        """The waveform of one audio value with [`af2_hf.load_audio`]: for AF2 the original ``read_audio`` (at most
+        ``max_num_windows`` windows, channel 0, soxr resampling, peak normalisation); for other models the samples
+        as stored (channel 0, resampled), float32."""
+        extractor = self.processor.feature_extractor
+        target_rate = int(extractor.sampling_rate)
+        is_af2 = _is_af2_processor(self.processor)
+        waveform = load_audio(
+            audio,
+            sampling_rate=target_rate,
+            max_seconds=extractor.max_audio_seconds() if is_af2 else None,
+            source_sampling_rate=sampling_rate if is_waveform(audio) else None,  # files, dicts: their own rate
+            normalize=is_af2,
         )
+        return waveform if is_af2 else waveform.astype(np.float32, copy=False)
+
+    def _text(self, question: str, has_audio: bool, soundcot: bool) -> str:
+        """What the processor gets as the text of one sample. AF2: the question itself with its audio (the
+        processor writes the original prompt and keeps the question plain text), the chat template's text-only
+        prompt without audio, the written prompt for SoundCoT (whose second attempt continues it). Other models:
+        their chat template."""
+        processor = self.processor
+        if not _is_af2_processor(processor):
+            if getattr(processor, "chat_template", None):
+                return processor.apply_chat_template(_chat(question, has_audio), tokenize=False,
+                                                     add_generation_prompt=True)
+            audio_token = getattr(processor, "audio_token", None)
+            if audio_token:
+                return f"{audio_token}{question}" if has_audio else question
+            raise ValueError(
+                f"{type(processor).__name__} has no chat template and no audio_token: the pipeline cannot build a "
+                "prompt."
+            )
+        if soundcot:
+            return processor.format_prompt(soundcot_question(question))
+        if has_audio:
+            return question
+        return processor.apply_chat_template(_chat(question, False), tokenize=False, add_generation_prompt=True)
 
     def preprocess(self, inputs, question=None, sampling_rate=None, soundcot=False, processor_kwargs=None):
-        audio, rate, item_question = self._split_input(inputs)
+        audio, item_question = split_input(inputs)
         if item_question is not None:
             question = item_question
         if question is None:
             raise ValueError("Missing question: pass question='...' or {'audio': ..., 'question': '...'}.")
         if not isinstance(question, str):
             raise TypeError(f"question must be a string, got {type(question).__name__}.")
-        if rate is None:
-            rate = sampling_rate
-        target_rate = int(self.processor.feature_extractor.sampling_rate)
-        # Files carry their own rate: ``sampling_rate`` only applies to waveforms.
-        waveform = self._load(audio, target_rate)
-        if waveform is None:
-            waveform = self._waveform(audio, rate, target_rate)
+        if soundcot and not _is_af2_processor(self.processor):
+            raise ValueError("soundcot=True needs an Audio Flamingo 2 model and processor.")
+        if soundcot and audio is None:
+            raise ValueError("soundcot=True answers questions about audio: this input has no audio.")
+        waveform = None if audio is None else self._load(audio, sampling_rate)
         processor_kwargs = dict(processor_kwargs or {})
         if soundcot:
-            if not _is_af2_processor(self.processor):
-                raise ValueError("soundcot=True needs an Audio Flamingo 2 model and processor.")
-            question = soundcot_question(question)
             processor_kwargs.setdefault("max_length", SOUNDCOT_MAX_LENGTH)
-        return {"prompt": self._prompt(question), "audio": waveform, "processor_kwargs": processor_kwargs}
+        return {"prompt": self._text(question, waveform is not None, soundcot), "audio": waveform,
+                "processor_kwargs": processor_kwargs}
 
     def _collate(self, items: list[dict]) -> dict:
         processor_kwargs = dict(items[0]["processor_kwargs"])
@@ -336,18 +316,16 @@ class AudioQuestionAnsweringPipeline(Pipeline):
         processor_kwargs["text_kwargs"] = text_kwargs
         prompts = [item["prompt"] for item in items]
         audios = [item["audio"] for item in items]
-        if not _is_af2_processor(self.processor):
-            audios = [np.asarray(audio, dtype=np.float32) for audio in audios]
-        elif self.device.type != "cpu":
-            # The AF2 feature extractor computes the log-mel where the model is (same numerics as on the CPU).
-            processor_kwargs.setdefault("device", self.device)
-        inputs = self.processor(
-            text=prompts,
-            audio=audios,
-            sampling_rate=self.processor.feature_extractor.sampling_rate,
-            return_tensors="pt",
-            **processor_kwargs,
-        )
+        if _is_af2_processor(self.processor):
+            # one audio (or None) per text; the AF2 feature extractor computes the log-mel where the model is
+            audio_arg = audios if any(audio is not None for audio in audios) else None
+            if self.device.type != "cpu":
+                processor_kwargs.setdefault("device", self.device)
+        else:  # in the order of the prompts' audio tokens
+            audio_arg = [audio for audio in audios if audio is not None] or None
+        if audio_arg is not None:
+            processor_kwargs.setdefault("sampling_rate", self.processor.feature_extractor.sampling_rate)
+        inputs = self.processor(text=prompts, audio=audio_arg, return_tensors="pt", **processor_kwargs)
         for name in getattr(self.processor, "unused_input_names", None) or ():
             inputs.pop(name, None)
         return {
