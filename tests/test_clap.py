@@ -317,3 +317,31 @@ def test_device_parity_rows_on_cpu():
     rows = module.afclap_parity(torch.device("cpu"), clap_golden_dir(), converted_clap_dir())
     assert [name for name, _, ok, _ in rows if not ok] == []
     assert {"afclap audio.embed on cpu", "afclap text.embed on cpu", "afclap zero-shot argmax on cpu"} <= {r[0] for r in rows}
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_random_model_from_config_round_trip(tmp_path, fusion):
+    """A model built from a config (sizes unlike the golden's): forward, contrastive loss, save/load round trip."""
+    from af2_hf import AFClapConfig, AFClapModel
+
+    config = AFClapConfig(
+        audio_config=dict(patch_embeds_hidden_size=8, depths=[1, 1], num_attention_heads=[1, 2], hidden_size=16,
+                          enable_fusion=fusion, fusion_type="aff_2d" if fusion else None),
+        text_config=dict(vocab_size=50, d_model=32, d_kv=8, d_ff=16, num_layers=1, num_heads=2),
+        projection_dim=24,
+    )
+    torch.manual_seed(0)
+    model = AFClapModel(config).eval()
+    inputs = dict(input_ids=torch.randint(2, 50, (2, 10)), input_features=torch.randn(2, 4, 1001, 64),
+                  is_longer=torch.tensor([[True], [False]]))
+    with torch.no_grad():
+        outputs = model(**inputs, return_loss=True)
+    assert outputs.logits_per_audio.shape == (2, 2) and outputs.audio_embeds.shape == (2, 24)
+    assert torch.isfinite(outputs.loss)
+    torch.testing.assert_close(outputs.audio_embeds.norm(dim=-1), torch.ones(2))
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = AFClapModel.from_pretrained(tmp_path).eval()(**inputs)
+    torch.testing.assert_close(reloaded.logits_per_audio, outputs.logits_per_audio, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="clip i with text i"):
+        model(**{**inputs, "input_ids": inputs["input_ids"][:1]}, return_loss=True)

@@ -241,6 +241,8 @@ class AFClapModel(AFClapPreTrainedModel):
             is_longer = torch.zeros(batch, 1, dtype=torch.bool, device=input_features.device)
         elif is_longer.numel() != batch:
             raise ValueError(f"is_longer has {is_longer.numel()} entries for {batch} clips.")
+        if not self.config.audio_config.enable_fusion:
+            input_features = input_features[:, :1]  # a tower without fusion reads the global view only
         dtype = self.audio_model.audio_encoder.patch_embed.proj.weight.dtype
         return self.audio_model(
             input_features=input_features.to(dtype), is_longer=is_longer.reshape(batch, 1), return_dict=True, **kwargs
