@@ -2,7 +2,8 @@
 
 Imported by ``af2_hf/__init__.py``, so ``import af2_hf`` is enough for::
 
-    AutoConfig / AutoModel / AutoModelForMultimodalLM / AutoProcessor / AutoFeatureExtractor.from_pretrained(dir)
+    AutoConfig / AutoModel / AutoModelForMultimodalLM / AutoModelForPreTraining / AutoModelForSeq2SeqLM /
+    AutoTokenizer / AutoProcessor / AutoFeatureExtractor.from_pretrained(dir)
     pipeline("audio-question-answering", model=dir)
 
 Registration is idempotent (re-importing or reloading the module registers the same classes again without error).
@@ -13,7 +14,11 @@ from transformers import (
     AutoFeatureExtractor,
     AutoModel,
     AutoModelForMultimodalLM,
+    AutoModelForPreTraining,
+    AutoModelForSeq2SeqLM,
     AutoProcessor,
+    AutoTokenizer,
+    Qwen2Tokenizer,
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -58,6 +63,11 @@ def register_auto_classes() -> None:
     AutoConfig.register(AudioFlamingo2Config.model_type, AudioFlamingo2Config, exist_ok=True)
     AutoModel.register(AudioFlamingo2Config, AudioFlamingo2Model, exist_ok=True)
     AutoModelForMultimodalLM.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
+    # The other Auto classes transformers registers AudioFlamingo3 / Qwen2-Audio under (so code written for those
+    # works with an AF2 folder; tests/test_auto_classes.py derives the list from the installed release).
+    AutoModelForPreTraining.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
+    AutoModelForSeq2SeqLM.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
+    AutoTokenizer.register(AudioFlamingo2Config, tokenizer_class=Qwen2Tokenizer, exist_ok=True)
     AutoFeatureExtractor.register(AudioFlamingo2Config, AudioFlamingo2FeatureExtractor, exist_ok=True)
     AutoProcessor.register(AudioFlamingo2Config, AudioFlamingo2Processor, exist_ok=True)
 
