@@ -219,6 +219,26 @@ def test_text_only_prompts_and_mixed_batches(af2_pipe, golden_json, golden_audio
     assert set(text_batch) == {"input_ids", "attention_mask"}
 
 
+def test_cli_ask_without_audio(af2_pipe, capsys):
+    """`af2-hf ask --no-audio QUESTION` prints the pipeline's text-only answer; the audio-or-not forms that cannot
+    be meant exit 2 with a message."""
+    from af2_hf.cli import main
+
+    model = str(converted_tiny_dir())
+    question = "Name a musical instrument with strings."
+    expected = af2_pipe(None, question=question, do_sample=False, max_new_tokens=5)["answer"]
+    capsys.readouterr()
+    assert main(["ask", "--no-audio", question, "--model", model, "--greedy", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    for argv, message in [
+        (["ask", question, "--model", model], "or --no-audio QUESTION for a text-only prompt"),
+        (["ask", "--no-audio", "clip.wav", question, "--model", model], "--no-audio takes the question alone"),
+        (["ask", "--no-audio", question, "--model", model, "--soundcot"], "cannot be used with --no-audio"),
+    ]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_generate_kwargs_pass_through(af2_pipe, golden, golden_json, golden_audio_files):
     path, question = str(golden_audio_files["a"]), golden_json["prompts"]["a"]
     prompt_length = golden["a.input_ids"].shape[1]

@@ -1,6 +1,7 @@
 """The ``af2-hf`` command line: ``ask``, ``make-tiny`` and the subcommands of :data:`COMMAND_MODULES` (``convert``...).
 
     af2-hf ask AUDIO "QUESTION" --model DIR_OR_REPO [--greedy] [--max-new-tokens N] [--soundcot] [--device D]
+    af2-hf ask --no-audio "QUESTION" --model DIR_OR_REPO [...]    (a text-only prompt)
     af2-hf convert --af2-dir nvidia/audio-flamingo-2 --text-model Qwen/Qwen2.5-3B --output-dir ./af2-3b-hf [...]
     af2-hf make-tiny OUTDIR [--seed N] [--max-num-windows N]
 
@@ -76,9 +77,14 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    ask = commands.add_parser("ask", help="answer a question about an audio file")
-    ask.add_argument("audio", help="audio file (wav, flac, ogg, mp3, ...); at most the model's window limit is used")
-    ask.add_argument("question", help="the question, e.g. \"What is the sound source in this audio?\"")
+    ask = commands.add_parser("ask", help="answer a question about an audio file (or a text-only question)",
+                              usage="af2-hf ask (AUDIO QUESTION | --no-audio QUESTION) [options]")
+    ask.add_argument("audio", nargs="?", metavar="AUDIO",
+                     help="audio file (wav, flac, ogg, mp3, ...); at most the model's window limit is used")
+    ask.add_argument("question", metavar="QUESTION",
+                     help="the question, e.g. \"What is the sound source in this audio?\"")
+    ask.add_argument("--no-audio", action="store_true",
+                     help="a text-only prompt: give QUESTION alone (the model answers without audio)")
     ask.add_argument("--model", default=None,
                      help=f"converted model directory or Hub repo (default: ${MODEL_ENV})")
     ask.add_argument("--greedy", action="store_true",
@@ -227,8 +233,15 @@ def _ask(args) -> int:
     model_reference = args.model or os.environ.get(MODEL_ENV)
     if not model_reference:
         raise CliError(f"No model given (--model or ${MODEL_ENV}).\n\n{_NO_MODEL_HELP}")
-    if not os.path.isfile(args.audio):
+    if args.no_audio and args.audio is not None:
+        raise CliError(f"--no-audio takes the question alone, got an audio argument too ({args.audio!r}).")
+    if args.audio is None and not args.no_audio:
+        raise CliError("Give an audio file and a question (af2-hf ask AUDIO QUESTION), or --no-audio QUESTION for "
+                       "a text-only prompt.")
+    if args.audio is not None and not os.path.isfile(args.audio):
         raise CliError(f"Audio file {args.audio!r} does not exist.")
+    if args.no_audio and args.soundcot:
+        raise CliError("--soundcot answers questions about audio: it cannot be used with --no-audio.")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CliError("--max-new-tokens must be at least 1.")
     pipe, is_tiny = _load(model_reference, args.device)
