@@ -199,6 +199,75 @@ def test_tokenizer_processor_and_generation_defaults(converted, expected_json, r
     assert generation.eos_token_id == ids["eos"] and generation.pad_token_id == ids["pad"]
 
 
+def test_converted_model_and_tokenizer_agree_on_special_tokens(converted):
+    """The text config carries the tokenizer's pad id (and eos), so Trainer's special-token alignment finds nothing
+    to change and prints no PAD/BOS/EOS warning when fine-tuning."""
+    from transformers import trainer_utils
+
+    from af2_hf.processing_audioflamingo2 import AudioFlamingo2Processor
+
+    out, _ = converted
+    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(out)
+    processor = AudioFlamingo2Processor.from_pretrained(out)
+    text_config = model.config.get_text_config()
+    assert text_config.pad_token_id == processor.tokenizer.pad_token_id is not None
+    assert processor.tokenizer.eos_token_id in (text_config.eos_token_id if isinstance(text_config.eos_token_id, list)
+                                                else [text_config.eos_token_id])
+    warnings = []
+    original_warning = trainer_utils.logger.warning
+    trainer_utils.logger.warning = lambda message, *args, **kwargs: warnings.append(str(message))
+    try:
+        before = (text_config.pad_token_id, text_config.eos_token_id, model.generation_config.pad_token_id,
+                  model.generation_config.eos_token_id)
+        trainer_utils.align_special_tokens(model, processor)
+    finally:
+        trainer_utils.logger.warning = original_warning
+    assert not [w for w in warnings if "PAD/BOS/EOS" in w], warnings
+    assert before == (text_config.pad_token_id, text_config.eos_token_id, model.generation_config.pad_token_id,
+                      model.generation_config.eos_token_id)
+
+
+def test_output_folder_is_refused_or_replaced_whole(golden_root, tmp_path):
+    """A re-conversion into a folder that holds a model: refused without overwrite; with it, the folder is replaced
+    whole (no old single-file weights left beside new shards, which loading would pick up)."""
+    from af2_hf.atomic import OutputDirectoryNotEmptyError
+
+    out = tmp_path / "model"
+    convert_af2_checkpoint(golden_root / "original", golden_root / "base_lm", out, progress=False, verbose=False)
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(OutputDirectoryNotEmptyError, match="is not empty"):
+        convert_af2_checkpoint(golden_root / "original", golden_root / "base_lm", out, max_shard_size="1MB",
+                               progress=False, verbose=False)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("model-*.safetensors"))
+    convert_af2_checkpoint(golden_root / "original", golden_root / "base_lm", out, max_shard_size="1MB",
+                           overwrite=True, progress=False, verbose=False)
+    assert not (out / "model.safetensors").exists() and len(list(out.glob("model-*.safetensors"))) > 1
+    assert (out / "model.safetensors.index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left beside it
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, ConversionError])
+def test_interrupted_conversion_leaves_nothing(interruption, golden_root, tmp_path, monkeypatch):
+    """Interrupted after the weights were written (before the processor and the remote code): no folder that looks
+    like a model, no temporary folder; an existing model that was being overwritten is kept as it was."""
+    import af2_hf.convert_af2 as converter
+
+    def interrupted(*args, **kwargs):
+        raise interruption("interrupted")
+
+    monkeypatch.setattr(converter, "write_processor", interrupted)
+    out = tmp_path / "model"
+    with pytest.raises(interruption):
+        convert_af2_checkpoint(golden_root / "original", golden_root / "base_lm", out, progress=False, verbose=False)
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(interruption):
+        convert_af2_checkpoint(golden_root / "original", golden_root / "base_lm", out, overwrite=True,
+                               progress=False, verbose=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in out.iterdir()] == ["config.json"]
+
+
 def test_report_drops_only_documented_families(converted, baseline):
     _, report = converted
     documented = [f"HTSAT {f}" for f in UNUSED_HTSAT_FAMILIES] + [f"clap_ckpt {f}" for f in UNUSED_CLAP_CKPT_FAMILIES]

@@ -9,11 +9,13 @@
 * The ``python`` blocks run after the shell blocks (they use ``./af2-tiny`` made by the quick start).
 """
 
+import json
 import os
 import re
 import runpy
 import shlex
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -83,6 +85,12 @@ def _run(command: str):
             assert exit_info.code in (0, None), command
         finally:
             sys.argv = saved
+    elif argv[:2] == ["accelerate", "launch"]:
+        # multi-process commands: accelerate's launcher starts the processes (one thread each on this small machine)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *argv[2:]], env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, command + "\n" + run.stdout[-2000:] + run.stderr[-4000:]
     else:
         pytest.fail(f"README command this test does not know how to run: {command!r}")
 
@@ -109,6 +117,8 @@ def test_readme_commands_and_code_run_offline(tmp_path, monkeypatch, golden_dir,
     assert sum(c.startswith("af2-hf convert") for c in ran) == 4
     assert os.path.isfile("example-copy.wav")
     assert os.path.isfile("af2-finetuned/model.safetensors") and os.path.isfile("predictions.jsonl")
+    with open("predictions-2.summary.json", encoding="utf-8") as handle:  # af2-hf evaluate, 2 processes
+        assert json.load(handle)["processes"] == 2
 
     python_blocks = code_blocks("python")
     assert len(python_blocks) >= 7
@@ -117,3 +127,27 @@ def test_readme_commands_and_code_run_offline(tmp_path, monkeypatch, golden_dir,
         exec(compile(block, f"README.md python block {index}", "exec"), {"__name__": f"readme_block_{index}"})
         assert capsys.readouterr().out.strip(), f"python block {index} printed nothing"
     assert os.path.isfile("my-af2/pipeline_audio_question_answering.py")
+
+
+# Audio tasks of the Hugging Face Hub (huggingface.co/tasks): the values a model card's pipeline_tag may take here.
+HUB_AUDIO_TASKS = {"audio-classification", "audio-text-to-text", "audio-to-audio", "automatic-speech-recognition",
+                   "text-to-audio", "text-to-speech", "voice-activity-detection", "any-to-any"}
+
+
+def test_model_card_task_is_a_hub_task_and_readme_names_its_pipeline():
+    import yaml
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    import af2_hf
+
+    card = (REPO_ROOT / "MODEL_CARD.md").read_text(encoding="utf-8")
+    front_matter = yaml.safe_load(card.split("---")[1])
+    tag = front_matter["pipeline_tag"]
+    assert tag in HUB_AUDIO_TASKS, tag
+    # transformers has no pipeline for that task: README and the card say which pipeline serves it, and it exists.
+    assert tag not in PIPELINE_REGISTRY.supported_tasks
+    task = af2_hf.AUDIO_QUESTION_ANSWERING_TASK
+    assert task in PIPELINE_REGISTRY.supported_tasks
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    assert f"`pipeline_tag` is the Hub task `{tag}`" in readme and f"the one that serves it is `{task}`" in readme
+    assert f"`pipeline_tag`) is `{tag}`; in transformers it is served by the `{task}` pipeline" in " ".join(card.split())
