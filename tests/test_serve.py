@@ -248,8 +248,11 @@ def test_concurrent_requests_get_the_answers_they_get_alone(client):
     [
         ({"model": "gpt-4o"}, 404, "model_not_found"),
         ({"messages": []}, 400, "invalid_value"),
-        ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}, 400,
-         "invalid_messages"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, 400,
+         "invalid_messages"),  # nothing to answer
+        ({"messages": [{"role": "user", "content": _audio_message(b"a")[0]["content"] * 2}]}, 400,
+         "invalid_messages"),  # two audios
+
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
          "invalid_value"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "@@@",

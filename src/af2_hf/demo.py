@@ -13,7 +13,16 @@ import os
 import queue
 
 from .audio import AudioLoadError, load_audio
-from .serving.engine import Delta, Failed, Finished, GenerationEngine, GenerationRequest, Job, RequestError
+from .serving.engine import (
+    Delta,
+    Failed,
+    Finished,
+    GenerationEngine,
+    GenerationRequest,
+    Job,
+    RequestError,
+    question_conversation,
+)
 from .serving.model_info import ModelInfo
 
 __all__ = ["EXAMPLE_QUESTIONS", "answer_stream", "build_demo", "launch_demo"]
@@ -56,7 +65,9 @@ def answer_stream(engine: GenerationEngine, audio_path, question: str, greedy: b
             raise ValueError(f"The audio could not be read: {error}") from None
     events: queue.Queue = queue.Queue()
     request = GenerationRequest(
-        question=question, waveform=waveform, max_new_tokens=int(max_new_tokens), temperature=0.0 if greedy else None
+        question_conversation(question, waveform),
+        max_new_tokens=int(max_new_tokens),
+        temperature=0.0 if greedy else None,
     )
     job = engine.submit(Job(request, events.put, stream=True))
     text = ""

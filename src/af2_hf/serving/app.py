@@ -33,7 +33,13 @@ from .engine import (
     RequestError,
     Started,
 )
-from .openai_schema import audio_part, decode_audio_bytes, parse_chat_request, to_generation_request
+from .openai_schema import (
+    audio_part,
+    decode_audio_bytes,
+    generation_parameters,
+    parse_chat_request,
+    to_generation_request,
+)
 
 __all__ = ["ServerLimits", "create_app"]
 
@@ -91,10 +97,10 @@ class _ChatHandler:
                 param="model",
                 code="model_not_found",
             )
-        generation = to_generation_request(request, None, self.limits.max_new_tokens, self.limits.max_choices)
         part = audio_part(request)
-        if part is not None:
-            generation.waveform = await self._waveform(part)
+        parameters = generation_parameters(request, self.limits.max_new_tokens, self.limits.max_choices)
+        waveform = None if part is None else await self._waveform(part)
+        generation = to_generation_request(request, waveform, parameters)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()

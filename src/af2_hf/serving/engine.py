@@ -14,8 +14,9 @@ A request reports what happens through its ``on_event`` callback (called from th
 - ``Failed(error)``: :class:`RequestError` for a problem of the request (over-long prompt, ...), any other exception
   for a failure of the server.
 
-The answers are the pipeline's: the processor builds the inputs (the original prompt), ``generate`` runs with the
-request's parameters, and ``processor.decode_answer`` decodes each sequence.
+The answers are the pipeline's: the processor's chat template builds the inputs (the original prompt; message text is
+plain text, never control tokens), ``generate`` runs with the request's parameters, and ``processor.decode_answer``
+decodes each sequence.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "Delta",
     "Failed",
     "Started",
+    "question_conversation",
     "Finished",
     "GenerationEngine",
     "GenerationRequest",
@@ -56,14 +58,16 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class GenerationRequest:
-    """One question (about one audio, or text only) and how to generate its answer(s).
+    """One conversation to answer (the processor's chat format) and how to generate its answer(s).
 
-    ``waveform`` is mono at the feature extractor's rate (``af2_hf.audio.load_audio``), or None for a text-only
-    question. ``temperature`` 0 means greedy decoding; None leaves a parameter to the model's generation config.
+    ``conversation`` is rendered by the processor's chat template: ``[{"role": "user", "content": [{"type":
+    "audio", "audio": waveform}, {"type": "text", "text": question}]}]`` (see :func:`question_conversation`); audio
+    blocks hold mono waveforms at the feature extractor's rate (``af2_hf.audio.load_audio``); a conversation without
+    an audio block is text only. ``temperature`` 0 means greedy decoding; None leaves a parameter to the model's
+    generation config.
     """
 
-    question: str
-    waveform: np.ndarray | None = None
+    conversation: list[dict]
     max_new_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -71,6 +75,12 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     num_choices: int = 1
+
+
+def question_conversation(question: str, waveform: np.ndarray | None = None) -> list[dict]:
+    """The one-turn conversation asking ``question`` about ``waveform`` (None: a text-only question)."""
+    content = [] if waveform is None else [{"type": "audio", "audio": waveform}]
+    return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
 
 
 @dataclass
@@ -276,15 +286,21 @@ class GenerationEngine:
 
     def _inputs(self, request: GenerationRequest) -> dict:
         import torch
+        from jinja2.exceptions import TemplateError
 
-        kwargs: dict[str, Any] = {"return_tensors": "pt", "text_kwargs": {"truncation": False}}
-        if request.waveform is not None:
-            kwargs.update(audio=request.waveform, sampling_rate=self.sampling_rate)
-            if self.model.device.type != "cpu":
-                kwargs["device"] = self.model.device
+        processor_kwargs: dict[str, Any] = {"text_kwargs": {"truncation": False}}
+        if self.model.device.type != "cpu":  # the log-mel where the model is (same numbers)
+            processor_kwargs["audio_kwargs"] = {"device": self.model.device}
         try:
-            inputs = self.processor(text=request.question, **kwargs)
-        except (ValueError, TypeError) as error:
+            inputs = self.processor.apply_chat_template(
+                request.conversation,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                add_generation_prompt=True,
+                processor_kwargs=processor_kwargs,
+            )
+        except (ValueError, TypeError, TemplateError) as error:
             code = "context_length_exceeded" if "max_length" in str(error) else "invalid_prompt"
             raise RequestError(str(error), param="messages", code=code) from error
         model_inputs = {}

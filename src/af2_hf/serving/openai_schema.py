@@ -2,10 +2,12 @@
 
 The accepted subset of the OpenAI schema (``POST /v1/chat/completions``):
 
-- ``messages``: ONE user message (Audio Flamingo 2 answers one question, about at most one audio; it has no system
-  prompt and no multi-turn training). Its ``content`` is a string, or a list of ``{"type": "text", "text": ...}``
-  parts (joined with spaces) and at most one ``{"type": "input_audio", "input_audio": {"data": <base64>, "format":
-  "wav"|"mp3"|"flac"|"ogg"}}`` part. Without an audio part the question is text only.
+- ``messages``: rendered by the model's chat template (``processor.apply_chat_template``; the original one-turn
+  prompt for one user message). The conversation ends with a user message holding a question; ``content`` is a
+  string, or a list of ``{"type": "text", "text": ...}`` parts and at most one ``{"type": "input_audio",
+  "input_audio": {"data": <base64>, "format": "wav"|"mp3"|"flac"|"ogg"}}`` part (one audio in the whole
+  conversation: Audio Flamingo 2 takes one audio). Without an audio part the question is text only. ``system`` /
+  ``developer`` and earlier turns are passed to the template, which refuses what the model cannot take (a 400).
 - ``max_completion_tokens`` / ``max_tokens`` -> ``max_new_tokens``; ``temperature`` (0 = greedy), ``top_p``, ``seed``,
   ``stop`` (up to 4 strings, cut from the answer), ``n`` (answers per request), ``stream`` and
   ``stream_options.include_usage``; ``top_k`` as an extension (as vLLM). Unset parameters follow the model's
@@ -24,7 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .engine import GenerationRequest, RequestError
 
-__all__ = ["AUDIO_FORMATS", "ChatCompletionRequest", "parse_chat_request", "to_generation_request"]
+__all__ = [
+    "AUDIO_FORMATS",
+    "ChatCompletionRequest",
+    "audio_part",
+    "decode_audio_bytes",
+    "generation_parameters",
+    "parse_chat_request",
+    "to_generation_request",
+]
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 
@@ -129,36 +139,62 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     return request
 
 
-def _question_and_audio(request: ChatCompletionRequest) -> tuple[str, InputAudio | None]:
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _check_messages(request: ChatCompletionRequest) -> AudioPart | None:
+    """Checks the conversation's shape; returns its ``input_audio`` part, if any."""
     roles = [message.role for message in request.messages]
-    if roles != ["user"]:
+    if "tool" in roles or roles[-1] != "user":
         raise RequestError(
-            f"Audio Flamingo 2 answers one question: send exactly one user message (got roles {roles}). It has no "
-            "system prompt and was not trained on multi-turn conversations; put any instruction in the question.",
+            f"The conversation must end with a user message and have no tool messages (got roles {roles}).",
             param="messages",
             code="invalid_messages",
         )
-    content = request.messages[0].content
-    if content is None:
-        content = []
-    if isinstance(content, str):
-        content = [TextPart(type="text", text=content)]
-    texts = [part.text.strip() for part in content if isinstance(part, TextPart)]
-    audios = [part.input_audio for part in content if isinstance(part, AudioPart)]
+    audios, last_text = [], ""
+    for index, message in enumerate(request.messages):
+        content = message.content if isinstance(message.content, list) else []
+        for part in content:
+            if isinstance(part, AudioPart):
+                if message.role != "user":
+                    raise RequestError(f"messages[{index}]: only user messages may hold audio.",
+                                       param=f"messages[{index}].content", code="invalid_messages")
+                audios.append(part)
+        if index == len(request.messages) - 1:
+            if isinstance(message.content, str):
+                last_text = message.content.strip()
+            else:
+                last_text = " ".join(p.text.strip() for p in content if isinstance(p, TextPart)).strip()
     if len(audios) > 1:
         raise RequestError(
-            f"The message holds {len(audios)} input_audio parts; Audio Flamingo 2 takes one audio per question.",
-            param="messages[0].content",
+            f"The conversation holds {len(audios)} input_audio parts; Audio Flamingo 2 takes one audio.",
+            param="messages",
             code="invalid_messages",
         )
-    question = " ".join(text for text in texts if text)
-    if not question:
+    if not last_text:
         raise RequestError(
-            "The user message has no question: add a text part (e.g. 'What is the sound source in this audio?').",
-            param="messages[0].content",
+            "The last user message has no question: add a text part (e.g. 'What is the sound source in this audio?').",
+            param=f"messages[{len(roles) - 1}].content",
             code="invalid_messages",
         )
-    return question, (audios[0] if audios else None)
+    return audios[0] if audios else None
+
+
+def _conversation(request: ChatCompletionRequest, waveform) -> list[dict]:
+    """The processor's chat format: text parts as text blocks, the audio part as an audio block with ``waveform``."""
+    conversation = []
+    for message in request.messages:
+        content = message.content
+        if content is None:
+            content = []
+        if isinstance(content, str):
+            content = [TextPart(type="text", text=content)]
+        blocks = [
+            {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "audio", "audio": waveform}
+            for part in content
+        ]
+        conversation.append({"role": _ROLES[message.role], "content": blocks})
+    return conversation
 
 
 def decode_audio_bytes(audio: InputAudio, max_bytes: int) -> bytes:
@@ -181,11 +217,8 @@ def decode_audio_bytes(audio: InputAudio, max_bytes: int) -> bytes:
         raise RequestError("input_audio.data is not valid base64.", param=param + ".data", code="invalid_base64") from None
 
 
-def to_generation_request(
-    request: ChatCompletionRequest, waveform, max_new_tokens_limit: int, max_choices: int
-) -> GenerationRequest:
-    """The engine request for a validated chat request (``waveform``: the decoded audio or None)."""
-    question, _ = _question_and_audio(request)
+def generation_parameters(request: ChatCompletionRequest, max_new_tokens_limit: int, max_choices: int) -> dict:
+    """The ``GenerationRequest`` fields of a validated chat request other than its conversation."""
     if request.max_tokens is not None and request.max_completion_tokens is not None:
         if request.max_tokens != request.max_completion_tokens:
             raise RequestError(
@@ -205,9 +238,7 @@ def to_generation_request(
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise RequestError("stop takes up to 4 non-empty strings.", param="stop", code="invalid_value")
-    return GenerationRequest(
-        question=question,
-        waveform=waveform,
+    return dict(
         max_new_tokens=max_new_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
@@ -218,6 +249,15 @@ def to_generation_request(
     )
 
 
+def to_generation_request(request: ChatCompletionRequest, waveform, parameters: dict) -> GenerationRequest:
+    """The engine request: the conversation (``waveform``: the decoded ``input_audio`` or None) and ``parameters``
+    (from :func:`generation_parameters`)."""
+    if (_check_messages(request) is None) != (waveform is None):
+        raise ValueError("waveform must be given exactly when the conversation holds an input_audio part.")
+    return GenerationRequest(conversation=_conversation(request, waveform), **parameters)
+
+
 def audio_part(request: ChatCompletionRequest) -> InputAudio | None:
-    """The request's ``input_audio`` part (after the message checks), or None for a text-only question."""
-    return _question_and_audio(request)[1]
+    """The request's ``input_audio`` (after the conversation checks), or None for a text-only conversation."""
+    part = _check_messages(request)
+    return None if part is None else part.input_audio
