@@ -14,6 +14,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -299,6 +300,51 @@ def test_malformed_bodies_and_the_server_survives(server, client):
     assert httpx.get(f"{server}/v1/unknown", timeout=10).status_code == 404
     assert client.chat.completions.create(model=MODEL_NAME, messages=_audio_message(EXAMPLE_WAV.read_bytes()),
                                           max_tokens=2).choices[0].message.content is not None
+
+
+def test_system_turn_goes_through_the_chat_template(client, pipe):
+    messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": QUESTION}]
+    response = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0, max_tokens=4)
+    rendered = pipe.processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    assert response.usage.prompt_tokens == rendered["input_ids"].shape[1]
+    alone = pipe.processor.apply_chat_template(messages[1:], tokenize=True, return_dict=True, return_tensors="pt")
+    assert rendered["input_ids"].shape[1] > alone["input_ids"].shape[1]
+
+
+def test_engine_queue_is_bounded_and_cancelled_jobs_stop(pipe):
+    from af2_hf.serving.engine import (
+        Finished,
+        GenerationEngine,
+        GenerationRequest,
+        Job,
+        QueueFullError,
+        Started,
+        question_conversation,
+    )
+
+    engine = GenerationEngine(pipe.model, pipe.processor, max_queue=1)
+    started, release = threading.Event(), threading.Event()
+    first_events, second_events = [], []
+
+    def hold_the_worker(event):  # the worker waits inside the first job until released
+        first_events.append(event)
+        if isinstance(event, Started):
+            started.set()
+            release.wait(60)
+
+    request = GenerationRequest(question_conversation(QUESTION), max_new_tokens=40, temperature=0)
+    first = engine.submit(Job(request, hold_the_worker))
+    assert started.wait(60)
+    second = engine.submit(Job(request, second_events.append))  # waits in the queue
+    with pytest.raises(QueueFullError):
+        engine.submit(Job(request, second_events.append))
+    first.cancel()
+    second.cancel()
+    release.set()
+    engine.close()
+    assert isinstance(first_events[-1], Finished)
+    assert first_events[-1].result.completion_tokens == 1  # stopped after the token in flight
+    assert second_events == []  # cancelled before it started: never run
 
 
 def test_binds_loopback_by_default():
