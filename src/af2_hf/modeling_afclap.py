@@ -150,6 +150,8 @@ class AFClapModel(AFClapPreTrainedModel):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (num_texts, length); got {tuple(input_ids.shape)}.")
+        if input_ids.shape[0] == 0:
+            raise ValueError("No texts to encode (an empty list of texts or candidate labels?).")
         text_config = self.config.text_config
         pad_id = text_config.pad_token_id if text_config.pad_token_id is not None else 0
         if attention_mask is None:

@@ -66,13 +66,11 @@ class AFClapProcessor(ProcessorMixin):
             raise ValueError("Give text, audio, or both.")
         data = {}
         if text is not None:
+            # The original's call; a caller's padding/truncation/max_length override it (the model re-packs any
+            # padding to the 77 positions it reads, see AFClapModel.pack_text).
+            tokenizer_kwargs = {"padding": "max_length", "truncation": True, "max_length": self.text_context_length}
             encoded = self.tokenizer(
-                _check_texts(text),
-                padding="max_length",
-                truncation=True,
-                max_length=self.text_context_length,
-                return_tensors=return_tensors,
-                **kwargs,
+                _check_texts(text), return_tensors=return_tensors, **{**tokenizer_kwargs, **kwargs}
             )
             data.update(encoded)
         if audio is not None:
