@@ -388,28 +388,37 @@ class AudioFlamingo2Processor(ProcessorMixin):
         for key in _UNSUPPORTED_TEXT_FLAGS:
             if text_kwargs.get(key):
                 raise ValueError(f"{self.__class__.__name__} does not support {key}=True.")
-        plain = plain_text_tokenizer(self.tokenizer)
-        encoded = [self._encode_prompt(prompt, plain) for prompt in prompts]
+        encoded = self._encode_segments(prompts)
         if text_kwargs.get("add_special_tokens"):
             self._check_no_added_special_tokens()
         encoded = self._truncate(encoded, text_kwargs)
         return self._pad(encoded, prompts, text_kwargs, merged)
 
-    def _encode_prompt(self, prompt: _Prompt, plain) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and character offsets (in ``prompt.source``) of one prompt: control segments with the tokenizer,
-        plain segments with its added vocabulary left out. Marker characters belong to the token after them."""
-        backend = self.tokenizer.backend_tokenizer
-        ids, offsets = [], []
-        for start, text, is_plain in prompt.segments:
-            encoding = (plain if is_plain else backend).encode(text, add_special_tokens=False)
-            ids.extend(encoding.ids)
-            offsets.extend((start + begin, start + end) for begin, end in encoding.offsets)
-        previous = 0
-        for index, (begin, end) in enumerate(offsets):
-            if begin > previous and not prompt.source[previous:begin].strip(_MARKERS):
-                offsets[index] = (previous, end)
-            previous = max(previous, end)
-        return ids, offsets
+    def _encode_segments(self, prompts: list[_Prompt]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Ids and character offsets (in each ``prompt.source``) of every prompt: control segments with the tokenizer
+        (one batched call), plain segments with its added vocabulary left out. Marker characters belong to the token
+        after them."""
+        segments = [segment for prompt in prompts for segment in prompt.segments]
+        control = [text for _, text, is_plain in segments if not is_plain]
+        plain = [text for _, text, is_plain in segments if is_plain]
+        control_out = self.tokenizer(
+            control, add_special_tokens=False, padding=False, truncation=False, return_offsets_mapping=True,
+            split_special_tokens=False,
+        ) if control else {"input_ids": [], "offset_mapping": []}
+        control_pieces = iter(zip(control_out["input_ids"], control_out["offset_mapping"]))
+        plain_pieces = iter(
+            (encoding.ids, encoding.offsets)
+            for encoding in (plain_text_tokenizer(self.tokenizer).encode_batch(plain, add_special_tokens=False) if plain else [])
+        )
+        encoded = []
+        for prompt in prompts:
+            ids, offsets = [], []
+            for start, _, is_plain in prompt.segments:
+                segment_ids, segment_offsets = next(plain_pieces if is_plain else control_pieces)
+                ids.extend(segment_ids)
+                offsets.extend((start + begin, start + end) for begin, end in segment_offsets)
+            encoded.append((ids, _attach_markers(offsets, prompt.source)))
+        return encoded
 
     def _check_no_added_special_tokens(self) -> None:
         """``add_special_tokens=True`` adds nothing for the AF2 (Qwen2) tokenizer, as the original; a tokenizer whose
@@ -556,6 +565,39 @@ class AudioFlamingo2Processor(ProcessorMixin):
                 kwargs.update(text_open=TEXT_OPEN, text_close=TEXT_CLOSE)
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
+    def apply_question_request(self, question, audio=None, **kwargs) -> BatchFeature:
+        """Model inputs for questions, as the original ``predict`` prompts them, through the chat template: each
+        question is plain text, so special-token text in it (``<audio>``, ``<SEP>``, ``<|endoftext|>``, ...) never
+        becomes control ids or audio slots (``processor(text=question, audio=...)`` reads a text holding ``<audio>``
+        as a prompt instead). For questions without such text the ids are those of ``processor(text=question,
+        audio=audio)``.
+
+        Args:
+            question (`str` or `list[str]`): the question(s).
+            audio (*optional*): one audio per question (``None`` for a text-only question, which gets the original's
+                text-only prompt ``f"{question.lower().strip()}<SEP>"``), in any form the processor takes.
+            kwargs: processor arguments (``return_tensors``, ``padding_side``, ``max_num_windows``, ...).
+
+        Returns:
+            [`BatchFeature`]: as [`~AudioFlamingo2Processor.__call__`].
+        """
+        questions = [question] if isinstance(question, str) else list(question)
+        items = [None] * len(questions) if audio is None else self._audio_items(audio, len(questions))
+        if len(items) != len(questions):
+            raise ValueError(
+                f"Got {len(questions)} question(s) and {len(items)} audio(s): pass one audio per question (None for a "
+                "text-only question)."
+            )
+        conversations = [
+            [{"role": "user", "content": ([] if item is None else [{"type": "audio", "audio": item}])
+              + [{"type": "text", "text": text}]}]
+            for text, item in zip(questions, items)
+        ]
+        return_tensors = kwargs.pop("return_tensors", None)
+        return self.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_tensors=return_tensors, processor_kwargs=kwargs
+        )
+
     def _template_source(self, chat_template) -> str:
         templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
         if chat_template is None:
@@ -671,6 +713,18 @@ def _parse_prompt(text: str, audio_token: str) -> _Prompt:
             segments.append((opening + 1, text[opening + 1 : plain_end], True))
         position = plain_end + 1
     return _Prompt(text, segments, slots)
+
+
+def _attach_markers(offsets: list[tuple[int, int]], source: str) -> list[tuple[int, int]]:
+    """Offsets with the marker characters before a token counted as part of it (so a generation span that starts
+    at a marker starts at a token)."""
+    attached, previous = [], 0
+    for begin, end in offsets:
+        if begin > previous and not source[previous:begin].strip(_MARKERS):
+            begin = previous
+        attached.append((begin, end))
+        previous = max(previous, end)
+    return attached
 
 
 def _check_no_markers(conversation) -> None:
