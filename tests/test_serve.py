@@ -347,6 +347,19 @@ def test_engine_queue_is_bounded_and_cancelled_jobs_stop(pipe):
     assert second_events == []  # cancelled before it started: never run
 
 
+def test_stream_tracker_holds_back_possible_stop_strings_and_partial_characters():
+    from af2_hf.serving.engine import _AnswerTracker
+
+    tracker = _AnswerTracker(stop=("END", "!!"))
+    pieces = [tracker.delta(text) for text in ("a", "ab!", "abE", "abEN", "abENx", "abENx\ufffd", "abENx\u00e9", "abENx\u00e9END and")]
+    assert pieces == ["a", "b", "", "", "ENx", "", "\u00e9", ""] and tracker.done
+    assert tracker.sent == "abENx\u00e9"  # the final text: cut before the stop string
+    restarted = _AnswerTracker(stop=())
+    assert restarted.delta("first") == "first" and restarted.delta("new") == "" and restarted.reset
+    final = _AnswerTracker(stop=("END",))
+    assert final.delta("xE") == "x" and final.delta("xE", final=True) == "E"
+
+
 def test_binds_loopback_by_default():
     from af2_hf.cli import _build_parser
 

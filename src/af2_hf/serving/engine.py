@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "Delta",
@@ -171,6 +174,7 @@ class _AnswerTracker:
             return ""
         answer, stopped = cut_at_stop(answer, self.stop)
         if not answer.startswith(self.sent):
+            logger.warning("The model generated <SEP>: its answer restarts, and the stream keeps what it sent.")
             self.reset = True
             return ""
         visible = answer if (final or stopped) else answer[: len(answer) - _held_back(answer, self.stop)]
