@@ -73,6 +73,7 @@ class AudioFlamingo2ModelTester:
         config = self.get_config()
         input_ids = ids_tensor([self.batch_size, self.seq_length], 90) + 3  # no pad / eos / AF2 special tokens
         attention_mask = torch.ones_like(input_ids)
+        attention_mask[:, :1] = 0  # left padding
         features = floats_tensor([self.batch_size, self.windows, self.frames, self.audio_config["num_mel_bins"]])
         window_mask = torch.zeros(self.batch_size, self.windows, dtype=torch.long, device=input_ids.device)
         window_mask[:, : self.windows - 1] = 1  # the last window of every sample is padding

@@ -808,6 +808,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     def prepare_inputs_for_generation(
         self,
         input_ids,
+        inputs_embeds=None,
         input_features=None,
         input_features_mask=None,
         audio_hidden_states=None,
@@ -817,6 +818,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     ):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
+            inputs_embeds=inputs_embeds,
             input_features=input_features,
             input_features_mask=input_features_mask,
             audio_hidden_states=audio_hidden_states,
