@@ -1,6 +1,6 @@
 """AF-CLAP against the ORIGINAL AF-CLAP code on tiny random weights (``../shared/golden/clap_tiny``): every stage of
 its README (waveforms, log-mels, fusion views, tokens, T5 states, pooled/projected/normalised embeddings,
-similarities, logits, mlp-loss logits, zero-shot argmax) within the README's tolerances."""
+HTSAT clip-wise tagging output, similarities, logits, mlp-loss logits, zero-shot argmax) within the README's tolerances."""
 
 import numpy as np
 import pytest
@@ -122,7 +122,9 @@ def test_audio_tower_stages_on_golden_mels(model):
         embedding = model.encode_audio(input_features, is_longer).pooler_output
         projected = model.audio_projection(embedding)
         embeds = model.get_audio_features(input_features, is_longer).pooler_output
+        clipwise = model.get_audio_tagging(input_features, is_longer)
     assert max_norm_error(embedding, expected()["audio.embedding"]) <= RELATIVE_TOLERANCE
+    assert max_norm_error(clipwise, expected()["audio.clipwise_output"]) <= RELATIVE_TOLERANCE
     assert max_norm_error(projected, expected()["audio.projected"]) <= RELATIVE_TOLERANCE
     assert max_norm_error(embeds, expected()["audio.embed"]) <= RELATIVE_TOLERANCE
 
@@ -131,7 +133,9 @@ def test_audio_embeddings_from_files(model, features):
     with torch.no_grad():
         outputs = model.encode_audio(features["input_features"], features["is_longer"])
         embeds = model.get_audio_features(**features).pooler_output
+        clipwise = model.get_audio_tagging(**features)
     assert max_norm_error(outputs.pooler_output, expected()["audio.embedding"]) <= RELATIVE_TOLERANCE
+    assert max_norm_error(clipwise, expected()["audio.clipwise_output"]) <= RELATIVE_TOLERANCE
     assert max_norm_error(model.audio_projection(outputs.pooler_output), expected()["audio.projected"]) <= RELATIVE_TOLERANCE
     assert max_norm_error(embeds, expected()["audio.embed"]) <= RELATIVE_TOLERANCE
 

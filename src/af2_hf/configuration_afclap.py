@@ -74,6 +74,9 @@ class AFClapConfig(PreTrainedConfig):
         text_context_length (`int`): token positions the text tower reads (77, EOS included). Shorter tokenized
             texts are padded to it inside the model, because the text embedding is an UNMASKED mean over all
             these positions (see [`AFClapModel.get_text_features`]).
+        audio_tagging_num_classes (`int`, *optional*): classes of HTSAT's token-semantic tagging head
+            (`tscam_conv`, 527 AudioSet classes in the original); `None` builds no head. Not used by the CLAP
+            embeddings; see [`AFClapModel.get_audio_tagging`].
     """
 
     model_type = "afclap"
@@ -89,6 +92,7 @@ class AFClapConfig(PreTrainedConfig):
     transform_dropout: float = 0.1
     logit_scale_init_value: float = 2.6592600369262695  # log(1 / 0.07)
     text_context_length: int = 77
+    audio_tagging_num_classes: int | None = None
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):

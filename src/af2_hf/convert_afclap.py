@@ -38,6 +38,7 @@ __all__ = [
 AFCLAP_KEY_RULES: tuple[tuple[str, str], ...] = (
     # aff_2d fusion of HTSAT's patch embedding: same module layout in transformers' ClapAudioPatchEmbed.
     (r"audio_branch\.patch_embed\.(fusion_model\..+|mel_conv2d\..+)", r"audio_model.audio_encoder.patch_embed.\1"),
+    (r"audio_branch\.tscam_conv\.(weight|bias)", r"audio_tagging.conv.\1"),
     (r"text_branch\.(.+)", r"text_model.\1"),
     (r"(audio|text)_projection\.0\.(weight|bias)", r"\1_projection.linear1.\2"),
     (r"(audio|text)_projection\.2\.(weight|bias)", r"\1_projection.linear2.\2"),
@@ -46,7 +47,8 @@ AFCLAP_KEY_RULES: tuple[tuple[str, str], ...] = (
     (r"logit_scale_(a|t)", r"logit_scale_\1"),
 )
 _HTSAT_PREFIX = "audio_branch."
-_FUSION = re.compile(r"audio_branch\.patch_embed\.(fusion_model|mel_conv2d)\..+")
+# Kept apart from the HTSAT body rules (which drop them for AF2): the fusion branch and the tagging head.
+_HTSAT_EXTRAS = re.compile(r"audio_branch\.(patch_embed\.(fusion_model|mel_conv2d)|tscam_conv)\..+")
 _T5_TIED_COPY = "text_branch.encoder.embed_tokens.weight"  # the same tensor as text_branch.shared.weight
 _TEXT_SOURCE_PATTERNS = ["*.json", "*.model", "tokenizer*"]  # never the flan-T5 weights: the checkpoint has them
 
@@ -125,7 +127,7 @@ def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
 
 def _audio_config(state: dict[str, torch.Tensor]):
     htsat = {k[len(_HTSAT_PREFIX):]: v for k, v in state.items() if k.startswith(_HTSAT_PREFIX)}
-    audio_config = build_clap_audio_config({k: v for k, v in htsat.items() if not _FUSION.fullmatch(_HTSAT_PREFIX + k)})
+    audio_config = build_clap_audio_config({k: v for k, v in htsat.items() if not _HTSAT_EXTRAS.fullmatch(_HTSAT_PREFIX + k)})
     if "patch_embed.fusion_model.local_att.0.weight" in htsat:
         inner, channels = _shape(htsat, "patch_embed.fusion_model.local_att.0.weight")[:2]
         if "patch_embed.mel_conv2d.weight" not in htsat or channels % inner != 0:
@@ -176,7 +178,11 @@ def build_afclap_config(state: dict[str, torch.Tensor], text_dir: Path):
             f"text_projection.0.weight is {text_projection}; expected {(projection_dim, text_config.d_model)}."
         )
     audio_config.projection_dim = projection_dim
-    return AFClapConfig(audio_config=audio_config, text_config=text_config, projection_dim=projection_dim)
+    tagging = state.get("audio_branch.tscam_conv.weight")
+    return AFClapConfig(
+        audio_config=audio_config, text_config=text_config, projection_dim=projection_dim,
+        audio_tagging_num_classes=None if tagging is None else int(tagging.shape[0]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,19 +203,20 @@ def convert_afclap_state_dict(
     """Maps original CLAP keys (without ``module.``) to :class:`AFClapModel` keys.
 
     The HTSAT body goes through :func:`af2_hf.convert_af2.convert_htsat_state_dict` (which drops the torchlibrosa
-    front end and the AudioSet head ``tscam_conv``/``head``, unused by CLAP embeddings); the tied T5 copy
+    front end and ``head``, a layer the original's forward never calls); the fusion branch and the tagging head
+    ``tscam_conv`` are mapped by :data:`AFCLAP_KEY_RULES`; the tied T5 copy
     ``encoder.embed_tokens.weight`` must equal ``shared.weight``; any other key no rule places is an error.
     """
     report = report if report is not None else ConversionReport()
     htsat = {
         key[len(_HTSAT_PREFIX):]: value
         for key, value in state.items()
-        if key.startswith(_HTSAT_PREFIX) and not _FUSION.fullmatch(key)
+        if key.startswith(_HTSAT_PREFIX) and not _HTSAT_EXTRAS.fullmatch(key)
     }
     out = convert_htsat_state_dict(htsat, config.audio_config, prefix="audio_model.", report=report)
     unknown = []
     for key, value in state.items():
-        if key.startswith(_HTSAT_PREFIX) and not _FUSION.fullmatch(key):
+        if key.startswith(_HTSAT_PREFIX) and not _HTSAT_EXTRAS.fullmatch(key):
             continue
         if key == _T5_TIED_COPY:
             if not torch.equal(value, state.get("text_branch.shared.weight", torch.empty(0))):

@@ -90,6 +90,22 @@ class AFClapTransform(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
 
 
+class AFClapAudioTagging(nn.Module):
+    """HTSAT's token-semantic tagging head (the original's ``tscam_conv``): a ``(freq, 3)`` convolution over the
+    HTSAT feature map, time-averaged, sigmoid -> clip-wise class probabilities (the original's ``clipwise_output``)."""
+
+    def __init__(self, audio_config, num_classes: int):
+        super().__init__()
+        freq_ratio = audio_config.spec_size // audio_config.num_mel_bins
+        stride = audio_config.patch_stride
+        stride = stride[0] if isinstance(stride, (list, tuple)) else stride
+        freq = audio_config.spec_size // 2 ** (len(audio_config.depths) - 1) // stride // freq_ratio
+        self.conv = nn.Conv2d(audio_config.hidden_size, num_classes, kernel_size=(freq, 3), padding=(0, 1))
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(feature_map).flatten(2).mean(dim=-1))
+
+
 class AFClapPreTrainedModel(PreTrainedModel):
     config: AFClapConfig
     config_class = AFClapConfig
@@ -128,6 +144,11 @@ class AFClapModel(AFClapPreTrainedModel):
         self.text_transform = AFClapTransform(config.projection_dim, config.projection_hidden_act, config.transform_dropout)
         self.logit_scale_a = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.logit_scale_t = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.audio_tagging = (
+            AFClapAudioTagging(config.audio_config, config.audio_tagging_num_classes)
+            if config.audio_tagging_num_classes
+            else None
+        )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -273,6 +294,13 @@ class AFClapModel(AFClapPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def get_audio_tagging(self, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip-wise class probabilities `(num_audio, audio_tagging_num_classes)` of HTSAT's tagging head (the
+        original's ``clipwise_output``; not used by the CLAP embeddings). Needs ``config.audio_tagging_num_classes``."""
+        if self.audio_tagging is None:
+            raise ValueError("This AF-CLAP model has no audio tagging head (config.audio_tagging_num_classes is None).")
+        return self.audio_tagging(self.encode_audio(input_features, is_longer).last_hidden_state)
 
     # ------------------------------------------------------------------ joint
 
