@@ -7,10 +7,12 @@ audio tower's geometry, and the parameter count the sizes imply below :data:`MAX
 else (:meth:`AudioFlamingo2Config.get_config_dict`).
 """
 
+import functools
 import math
 import os
 
 from huggingface_hub.dataclasses import as_validated_field, strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
@@ -56,6 +58,12 @@ def _sub_config_specs() -> dict:
         init_kwargs = {k: v for k, v in defaults.items() if k != "model_type"}
         specs[key] = SubConfigSpec(config_class=AutoConfig, model_type=defaults["model_type"], init_kwargs=init_kwargs)
     return specs
+
+
+class ConfigValidationError(ValueError):
+    """An Audio Flamingo 2 config with an invalid or inconsistent size; the message names the field. (The ``@strict``
+    validators' own errors are not ``ValueError``s; AF2 raises this one from them, so that callers, the CLI among
+    them, catch bad configs as ``ValueError``.)"""
 
 
 @as_validated_field
@@ -193,6 +201,21 @@ def _check_parameter_count(config) -> None:
         )
 
 
+def _check_layer_counts(config_dict: dict) -> None:
+    """Refuse, before any config object is made, a ``config.json`` whose layer counts alone exceed the parameter
+    limit: transformers builds a per-layer list (``layer_types``) as long as ``num_hidden_layers`` while making the
+    text config, so ``num_hidden_layers=10**9`` would take minutes and gigabytes before any validator could run."""
+    text = config_dict.get("text_config") or {}
+    checks = [("text_config.num_hidden_layers", text.get("num_hidden_layers"), text.get("hidden_size", 1)),
+              ("audio_transformer_num_layers", config_dict.get("audio_transformer_num_layers"), 1)]
+    for name, layers, width in checks:
+        if isinstance(layers, int) and isinstance(width, int) and layers * max(width, 1) ** 2 > max_parameters():
+            raise ConfigValidationError(
+                f"{name}={layers} describes a model above the limit of {max_parameters():.3g} parameters; check it, "
+                f"or set the environment variable {MAX_PARAMETERS_ENV} to build such a model on purpose."
+            )
+
+
 def _build_sub_config(value, defaults: dict) -> PreTrainedConfig:
     """transformers releases without ``SubConfigSpec``: a dict or ``None`` becomes the sub-config as the newer
     releases build it from ``sub_configs_defaults`` (``None``: the AF2-3B defaults; a dict: its own values on the
@@ -289,6 +312,7 @@ class AudioFlamingo2Config(PreTrainedConfig):
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != cls.model_type:
             raise ModelTypeError(str(pretrained_model_name_or_path), model_type, cls.model_type)
+        _check_layer_counts(config_dict)
         return config_dict, kwargs
 
     @property
@@ -324,4 +348,20 @@ class AudioFlamingo2Config(PreTrainedConfig):
         return [i for i in range(self.text_config.num_hidden_layers) if (i + 1) % n == 0]
 
 
-__all__ = ["AudioFlamingo2Config", "DEFAULT_MAX_PARAMETERS", "MAX_PARAMETERS_ENV", "parameter_count_estimate"]
+def _typed_validation_errors(init):
+    """``__init__`` that raises :class:`ConfigValidationError` (a ``ValueError``) for the ``@strict`` validators'
+    errors, with their message (field or validator name and cause)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except StrictDataclassError as error:
+            raise ConfigValidationError(f"Invalid {type(self).__name__}: {error}") from error
+
+    return __init__
+
+
+AudioFlamingo2Config.__init__ = _typed_validation_errors(AudioFlamingo2Config.__init__)
+
+__all__ = ["AudioFlamingo2Config", "ConfigValidationError", "DEFAULT_MAX_PARAMETERS", "MAX_PARAMETERS_ENV", "parameter_count_estimate"]

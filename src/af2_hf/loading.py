@@ -346,7 +346,18 @@ def check_checkpoint_files(
 # ------------------------------------------------------------------------------------------------ from_pretrained
 
 
-def _local_checkpoint_names(path, kwargs: dict) -> set[str] | None:
+def _check_model_type(config_file: Path, expected: str) -> None:
+    """Refuse a ``config.json`` of another model type before its weights are looked at (the config class checks it
+    again when it reads the file)."""
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return  # unreadable: the config class reports it
+    if model_type is not None and model_type != expected:
+        raise ModelTypeError(str(config_file.parent), model_type, expected)
+
+
+def _local_checkpoint_names(path, kwargs: dict, expected_model_type: str) -> set[str] | None:
     """Check a local folder's weight files (see :func:`check_checkpoint_files`); ``None`` when not applicable."""
     if path is None or kwargs.get("state_dict") is not None or kwargs.get("gguf_file"):
         return None
@@ -358,6 +369,7 @@ def _local_checkpoint_names(path, kwargs: dict) -> set[str] | None:
         return None  # a PEFT adapter: transformers loads its base model, whose folder the config checks
     if kwargs.get("config") is None:
         check_model_path(folder, subfolder)
+        _check_model_type(folder / subfolder / CONFIG_NAME, expected_model_type)
     elif (hint := original_release_hint(folder)) is not None:
         raise ModelFolderError(hint)
     return check_checkpoint_files(folder, subfolder, kwargs.get("variant"), kwargs.get("use_safetensors"))
@@ -403,7 +415,7 @@ def strict_from_pretrained(load, cls, path, *model_args, strict: bool = True, **
     """
     from safetensors import SafetensorError
 
-    checkpoint_names = _local_checkpoint_names(path, kwargs)
+    checkpoint_names = _local_checkpoint_names(path, kwargs, cls.config_class.model_type)
     report = kwargs.pop("output_loading_info", False)
     relaxed = report or not strict or path is None
     mismatch_allowed = kwargs.get("ignore_mismatched_sizes", False)
