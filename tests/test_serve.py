@@ -8,9 +8,7 @@ or not, alone or with other requests in flight. The README's server examples are
 import base64
 import io
 import json
-import os
 import re
-import shlex
 import socket
 import subprocess
 import sys

@@ -31,7 +31,6 @@ from .engine import (
     Job,
     QueueFullError,
     RequestError,
-    Started,
 )
 from .openai_schema import (
     audio_part,
@@ -107,7 +106,7 @@ class _ChatHandler:
         job = Job(generation, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stream=request.stream)
         self.engine.submit(job)
         try:
-            first = await self._next(events, job)
+            first = await self._next(events)
         except BaseException:
             job.cancel()
             raise
@@ -117,7 +116,7 @@ class _ChatHandler:
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             while not isinstance(first, Finished):
-                first = await self._next(events, job)
+                first = await self._next(events)
         finally:
             job.cancel()  # a no-op once finished; stops the generation if this request was abandoned
         return JSONResponse(self._completion(first.result, completion_id, created))
@@ -142,7 +141,7 @@ class _ChatHandler:
             ) from None
 
     @staticmethod
-    async def _next(events: asyncio.Queue, job: Job):
+    async def _next(events: asyncio.Queue):
         """The next event; a failure is raised (a RequestError becomes a 4xx)."""
         event = await events.get()
         if isinstance(event, Failed):
@@ -169,7 +168,7 @@ class _ChatHandler:
                 yield self._chunk(completion_id, created, [{"index": index, "delta": delta, "finish_reason": None}])
             while True:
                 try:
-                    event = await self._next(events, job)
+                    event = await self._next(events)
                 except Exception as error:  # noqa: BLE001 - the 200 is sent: report in the stream, then end it
                     message = str(error) or type(error).__name__
                     yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
