@@ -67,6 +67,13 @@ class ConfigValidationError(ValueError):
 
 
 @as_validated_field
+def _positive_float(value):
+    # (transformers' interval(min=0.0, exclude_min=True) ignores a 0.0 bound before 5.2x)
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {value}.")
+
+
+@as_validated_field
 def _positive_or_none(value):
     if value is not None and value < 1:
         raise ValueError(f"must be >= 1 or None, got {value}.")
@@ -268,9 +275,9 @@ class AudioFlamingo2Config(PreTrainedConfig):
     audio_transformer_num_layers: int = interval(min=1)(default=3)
     audio_transformer_num_heads: int = interval(min=1)(default=8)
     audio_transformer_intermediate_size: int = interval(min=1)(default=2048)
-    audio_transformer_rope_theta: float = interval(min=0.0, exclude_min=True)(default=4096.0)
+    audio_transformer_rope_theta: float = _positive_float(default=4096.0)
     audio_transformer_rotary_dim: int | None = _positive_or_none(default=None)
-    audio_transformer_layer_norm_eps: float = interval(min=0.0, exclude_min=True)(default=1e-6)
+    audio_transformer_layer_norm_eps: float = _positive_float(default=1e-6)
     cross_attention_every_n_layers: int = interval(min=1)(default=1)
     cross_attention_num_heads: int = interval(min=1)(default=8)
     cross_attention_head_dim: int = interval(min=1)(default=64)
