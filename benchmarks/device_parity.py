@@ -71,7 +71,8 @@ def afclap_parity(device: torch.device, clap_golden_dir: Path, model_dir: Path |
             out = model(**features)
             if dtype_name == "float32":
                 stages = {
-                    "audio.embedding": model.encode_audio(features["input_features"], features["is_longer"]).pooler_output,
+                    "audio.embedding": model.encode_audio(features["input_features"], features["is_longer"])
+                    .pooler_output,
                     "audio.embed": out.audio_embeds,
                     "text.last_hidden_state": out.text_model_output.last_hidden_state,
                     "text.embed": out.text_embeds,
@@ -95,7 +96,8 @@ def main() -> int:
     parser.add_argument("--golden", default=str(Path(__file__).resolve().parents[1].parent / "shared/golden/tiny"))
     parser.add_argument("--no-compile", action="store_true", help="skip the static cache + torch.compile check")
     parser.add_argument("--json", default="device_parity.json")
-    parser.add_argument("--clap-golden", default=str(Path(__file__).resolve().parents[1].parent / "shared/golden/clap_tiny"),
+    parser.add_argument("--clap-golden",
+                        default=str(Path(__file__).resolve().parents[1].parent / "shared/golden/clap_tiny"),
                         help="AF-CLAP golden folder (default ../shared/golden/clap_tiny)")
     args = parser.parse_args()
 

@@ -103,9 +103,11 @@ def test_conversion_output_and_report(tmp_path):
 
     golden = clap_golden_dir()
     out = tmp_path / "afclap"
-    report = convert_afclap_checkpoint(golden / "clap_ckpt" / "epoch_15.pt", golden / "flan_t5_tiny", out, verbose=False)
+    checkpoint, t5 = golden / "clap_ckpt" / "epoch_15.pt", golden / "flan_t5_tiny"
+    report = convert_afclap_checkpoint(checkpoint, t5, out, verbose=False)
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "modeling_afclap.py"} <= names
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
+    assert {"modeling_afclap.py", "configuration_afclap.py", "processing_afclap.py"} <= names
     assert not [p for p in tmp_path.iterdir() if p.name != "afclap"], "no staging folder may remain"
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "afclap" and config["auto_map"]["AutoModel"] == "modeling_afclap.AFClapModel"
@@ -124,7 +126,8 @@ def test_conversion_refuses_a_non_empty_folder(tmp_path):
     golden = clap_golden_dir()
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(OutputDirectoryNotEmptyError):
-        convert_afclap_checkpoint(golden / "clap_ckpt" / "epoch_15.pt", golden / "flan_t5_tiny", tmp_path, verbose=False)
+        convert_afclap_checkpoint(golden / "clap_ckpt" / "epoch_15.pt", golden / "flan_t5_tiny", tmp_path,
+                                  verbose=False)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
@@ -220,7 +223,8 @@ def test_waveform_arrays_stereo_and_other_rates_match_files(processor):
     import soundfile
 
     data, rate = soundfile.read(clip_paths()[1], dtype="float32", always_2d=True)
-    from_array = processor.feature_extractor([data.T], sampling_rate=rate, crop_indices=[(9, 51, 102)], return_tensors="pt")
+    from_array = processor.feature_extractor([data.T], sampling_rate=rate, crop_indices=[(9, 51, 102)],
+                                             return_tensors="pt")
     from_file = processor.feature_extractor(clip_paths()[1], crop_indices=[(9, 51, 102)], return_tensors="pt")
     torch.testing.assert_close(from_array["input_features"], from_file["input_features"], rtol=0, atol=1e-4)
 
@@ -292,7 +296,8 @@ def test_cli_clap_labels_prints_the_golden_ranking(capsys):
 def test_cli_clap_errors_exit_2(tmp_path, capsys):
     from af2_hf.cli import main
 
-    assert main(["clap", "labels", str(tmp_path / "nope.wav"), "--labels", "x", "--model", str(converted_clap_dir())]) == 2
+    model = str(converted_clap_dir())
+    assert main(["clap", "labels", str(tmp_path / "nope.wav"), "--labels", "x", "--model", model]) == 2
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "file").write_text("x")
     golden = clap_golden_dir()
@@ -317,7 +322,8 @@ def test_device_parity_rows_on_cpu():
     spec.loader.exec_module(module)
     rows = module.afclap_parity(torch.device("cpu"), clap_golden_dir(), converted_clap_dir())
     assert [name for name, _, ok, _ in rows if not ok] == []
-    assert {"afclap audio.embed on cpu", "afclap text.embed on cpu", "afclap zero-shot argmax on cpu"} <= {r[0] for r in rows}
+    names = {row[0] for row in rows}
+    assert {"afclap audio.embed on cpu", "afclap text.embed on cpu", "afclap zero-shot argmax on cpu"} <= names
 
 
 @pytest.mark.parametrize("fusion", [True, False])

@@ -127,7 +127,8 @@ def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
 
 def _audio_config(state: dict[str, torch.Tensor]):
     htsat = {k[len(_HTSAT_PREFIX):]: v for k, v in state.items() if k.startswith(_HTSAT_PREFIX)}
-    audio_config = build_clap_audio_config({k: v for k, v in htsat.items() if not _HTSAT_EXTRAS.fullmatch(_HTSAT_PREFIX + k)})
+    body = {k: v for k, v in htsat.items() if not _HTSAT_EXTRAS.fullmatch(_HTSAT_PREFIX + k)}
+    audio_config = build_clap_audio_config(body)
     if "patch_embed.fusion_model.local_att.0.weight" in htsat:
         inner, channels = _shape(htsat, "patch_embed.fusion_model.local_att.0.weight")[:2]
         if "patch_embed.mel_conv2d.weight" not in htsat or channels % inner != 0:
@@ -147,11 +148,10 @@ def _text_config(state: dict[str, torch.Tensor], text_dir: Path):
     vocab, width = _shape(state, "text_branch.shared.weight")
     layers = len({m.group(1) for k in state if (m := re.match(r"text_branch\.encoder\.block\.(\d+)\.", k))})
     found = {"vocab_size": vocab, "d_model": width, "num_layers": layers}
-    q_rows = _shape(state, "text_branch.encoder.block.0.layer.0.SelfAttention.q.weight")[0]
-    found["num_heads"] = _shape(state, "text_branch.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")[1]
-    found["relative_attention_num_buckets"] = _shape(
-        state, "text_branch.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    )[0]
+    attention = "text_branch.encoder.block.0.layer.0.SelfAttention."
+    q_rows = _shape(state, attention + "q.weight")[0]
+    buckets, found["num_heads"] = _shape(state, attention + "relative_attention_bias.weight")
+    found["relative_attention_num_buckets"] = buckets
     found["d_kv"] = q_rows // found["num_heads"]
     wrong = {k: (getattr(text_config, k), v) for k, v in found.items() if getattr(text_config, k) != v}
     if wrong:

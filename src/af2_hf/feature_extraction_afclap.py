@@ -233,7 +233,7 @@ class AFClapFeatureExtractor(SequenceFeatureExtractor):
                 raise ValueError(f"crop_indices entries must be (front, middle, back), got {given!r}.")
             last_start = max(int(r[-1]) for r in ranges)
             if any(index < 0 or index > last_start for index in crops):
-                raise ValueError(f"crop indices {crops} must lie in 0..{last_start} (frame starts of 1001-frame crops).")
+                raise ValueError(f"crop indices {crops} must lie in 0..{last_start} (starts of 1001-frame crops).")
             return crops
         if generator is not None:
             crops = tuple(int(generator.choice(r)) for r in ranges)

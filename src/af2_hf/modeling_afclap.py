@@ -136,12 +136,11 @@ class AFClapModel(AFClapPreTrainedModel):
         # transformers' HTSAT implements eager attention only; T5 is kept eager as the original ran it.
         self.audio_model = ClapAudioModel._from_config(config.audio_config, attn_implementation="eager")
         self.text_model = T5EncoderModel._from_config(config.text_config, attn_implementation="eager")
-        self.audio_projection = AFClapProjection(
-            config.audio_embed_dim, config.projection_dim, config.projection_hidden_act
-        )
-        self.text_projection = AFClapProjection(config.text_embed_dim, config.projection_dim, config.projection_hidden_act)
-        self.audio_transform = AFClapTransform(config.projection_dim, config.projection_hidden_act, config.transform_dropout)
-        self.text_transform = AFClapTransform(config.projection_dim, config.projection_hidden_act, config.transform_dropout)
+        width, act = config.projection_dim, config.projection_hidden_act
+        self.audio_projection = AFClapProjection(config.audio_embed_dim, width, act)
+        self.text_projection = AFClapProjection(config.text_embed_dim, width, act)
+        self.audio_transform = AFClapTransform(width, act, config.transform_dropout)
+        self.text_transform = AFClapTransform(width, act, config.transform_dropout)
         self.logit_scale_a = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.logit_scale_t = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.audio_tagging = (

@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
                          help="the release .pt file, or the AF2 release folder / Hub id holding it in clap_ckpt/ "
                               "(e.g. nvidia/audio-flamingo-2)")
     convert.add_argument("--text-model", default="google/flan-t5-large",
-                         help="flan-T5 folder or Hub id for the text config and tokenizer (default google/flan-t5-large)")
+                         help="flan-T5 folder or Hub id: text config and tokenizer (default google/flan-t5-large)")
     convert.add_argument("--output-dir", required=True)
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
