@@ -310,22 +310,41 @@ def convert_audio_transformer(safe: dict, writes: StateWriter, unmapped: list[st
         if name in at_kwargs and int(at_kwargs[name]) != found:
             raise ConversionError(f"yaml audio_transformer_kwargs.{name}={at_kwargs[name]} but the checkpoint has "
                                   f"{found}.")
-    rotary_kwargs: dict[str, Any] = {}
-    if inv_freq is not None:
-        rotary_dim, rope_theta = _rotary_from_inv_freq(inv_freq, report)
-        rotary_kwargs = {"audio_transformer_rotary_dim": rotary_dim, "audio_transformer_rope_theta": rope_theta}
-        default_dim = max((width // at_heads) // 2, 32)
-        if rotary_dim != default_dim:
-            report.notes.append(f"stored inv_freq rotates {rotary_dim} dims per head, not max(head_dim // 2, 32) = "
-                                f"{default_dim} for n_head={at_heads}; the stored buffer is what the original uses.")
-    else:
-        report.notes.append("audio rotary inv_freq not stored: rotary dim/base from the original's defaults.")
     return dict(audio_transformer_num_layers=at_num_layers, audio_transformer_num_heads=at_heads,
-                audio_transformer_intermediate_size=at_intermediate, **rotary_kwargs)
+                audio_transformer_intermediate_size=at_intermediate,
+                **_audio_rotary_settings(inv_freq, width, at_heads, report))
+
+
+def _audio_rotary_settings(inv_freq: torch.Tensor | None, width: int, heads: int,
+                           report: ConversionReport) -> dict[str, Any]:
+    """The audio transformer's rotary dim/base from the stored ``inv_freq`` (none stored: the config defaults)."""
+    if inv_freq is None:
+        report.notes.append("audio rotary inv_freq not stored: rotary dim/base from the original's defaults.")
+        return {}
+    rotary_dim, rope_theta = _rotary_from_inv_freq(inv_freq, report)
+    default_dim = max((width // heads) // 2, 32)
+    if rotary_dim != default_dim:
+        report.notes.append(f"stored inv_freq rotates {rotary_dim} dims per head, not max(head_dim // 2, 32) = "
+                            f"{default_dim} for n_head={heads}; the stored buffer is what the original uses.")
+    return {"audio_transformer_rotary_dim": rotary_dim, "audio_transformer_rope_theta": rope_theta}
 
 
 _TEXT_MODEL_HINT = (" The base language model (--text-model, or the yaml's lang_encoder_path) does not match this "
                     "release: use the release's base model (README, 'Converting the original releases').")
+
+
+def _lm_keys_in_load_order(safe: dict, unmapped: list[str]) -> list[str]:
+    """safe_ckpt's ``lang_encoder.*`` keys by family, in the order of the original's load_state_dict; keys of any
+    other family are popped into ``unmapped``."""
+    groups = {"model": [], "lm_head": [], _LM_DUPLICATE_FAMILY: [], _XATTN_DUPLICATE_FAMILY: []}
+    for key in [k for k in safe if k.startswith("lang_encoder.")]:
+        family = key.split(".", 2)[1]
+        if family in groups:
+            groups[family].append(key)
+        else:
+            unmapped.append(key)
+            safe.pop(key)
+    return sum(groups.values(), [])
 
 
 def _sort_safe_lm(safe: dict, vocab: int, tied: bool, num_layers: int, unmapped: list[str],
@@ -341,18 +360,10 @@ def _sort_safe_lm(safe: dict, vocab: int, tied: bool, num_layers: int, unmapped:
     """
     embed_key = _EMBED_KEY
     head_key = embed_key if tied else "lm_head.weight"
-    groups = {"model": [], "lm_head": [], _LM_DUPLICATE_FAMILY: [], _XATTN_DUPLICATE_FAMILY: []}
-    for key in [k for k in safe if k.startswith("lang_encoder.")]:
-        family = key.split(".", 2)[1]
-        if family in groups:
-            groups[family].append(key)
-        else:
-            unmapped.append(key)
-            safe.pop(key)
     lm_writes: list[tuple[str, str, torch.Tensor, bool]] = []  # (native key, original key, tensor, is duplicate)
     xattn: dict[str, tuple[str, torch.Tensor]] = {}
     duplicates = {_LM_DUPLICATE_FAMILY: 0, _XATTN_DUPLICATE_FAMILY: 0}
-    for key in sum(groups.values(), []):
+    for key in _lm_keys_in_load_order(safe, unmapped):
         tensor = safe.pop(key)
         if key == "lang_encoder.model.embed_tokens.weight":
             if tensor.shape[0] != vocab:

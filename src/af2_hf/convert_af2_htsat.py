@@ -74,20 +74,8 @@ def _windows_per_side(attn_mask: torch.Tensor) -> int:
     return n
 
 
-def build_clap_audio_config(htsat: dict[str, torch.Tensor], spec_size: int = DEFAULT_SPEC_SIZE):
-    """A ``ClapAudioConfig`` for the HTSAT weights ``htsat`` (keys relative to the HTSAT module), from shapes alone."""
-    from transformers import ClapAudioConfig
-
-    proj = _require(htsat, "patch_embed.proj.weight")
-    embed_dim, in_chans, patch_h, patch_w = proj.shape
-    if patch_h != patch_w:
-        raise ConversionError(f"Non-square HTSAT patch {patch_h}x{patch_w} is not supported by ClapAudioModel.")
-    patch_size = int(patch_h)
-    num_mel_bins = int(_require(htsat, "bn0.weight").shape[0])
-
-    stages = _stage_block_indices(htsat)
-    if list(stages) != list(range(len(stages))) or not stages:
-        raise ConversionError(f"HTSAT stages are not numbered 0..n-1: {list(stages)}")
+def _stage_shapes(htsat: dict[str, torch.Tensor], stages: dict[int, list[int]], embed_dim: int):
+    """``(depths, heads, window sizes, MLP ratios)`` per stage, from the blocks' bias tables and MLP weights."""
     depths, heads, window_sizes, mlp_ratios = [], [], [], []
     for s, blocks in stages.items():
         if blocks != list(range(len(blocks))) or not blocks:
@@ -114,7 +102,37 @@ def build_clap_audio_config(htsat: dict[str, torch.Tensor], spec_size: int = DEF
         heads.append(stage_heads.pop())
         window_sizes.append(stage_windows)
         mlp_ratios.append(stage_ratios.pop())
+    return depths, heads, window_sizes, mlp_ratios
 
+
+def _patch_stride(htsat: dict[str, torch.Tensor], stage0_blocks: list[int], window_size: int, spec_size: int,
+                  patch_size: int) -> int:
+    """Not visible in the conv weight. The stage-0 shift mask (when stored) holds one entry per window of the
+    (spec_size / stride)^2 patch grid; otherwise the original's stride equals the patch size (4 / (4, 4))."""
+    mask_key = next((k for k in (f"layers.0.blocks.{b}.attn_mask" for b in stage0_blocks) if k in htsat), None)
+    if mask_key is None:
+        return patch_size
+    grid = _windows_per_side(htsat[mask_key]) * window_size
+    if spec_size % grid != 0:
+        raise ConversionError(f"Stage-0 patch grid {grid} does not divide spec_size {spec_size}.")
+    return spec_size // grid
+
+
+def build_clap_audio_config(htsat: dict[str, torch.Tensor], spec_size: int = DEFAULT_SPEC_SIZE):
+    """A ``ClapAudioConfig`` for the HTSAT weights ``htsat`` (keys relative to the HTSAT module), from shapes alone."""
+    from transformers import ClapAudioConfig
+
+    proj = _require(htsat, "patch_embed.proj.weight")
+    embed_dim, in_chans, patch_h, patch_w = proj.shape
+    if patch_h != patch_w:
+        raise ConversionError(f"Non-square HTSAT patch {patch_h}x{patch_w} is not supported by ClapAudioModel.")
+    patch_size = int(patch_h)
+    num_mel_bins = int(_require(htsat, "bn0.weight").shape[0])
+
+    stages = _stage_block_indices(htsat)
+    if list(stages) != list(range(len(stages))) or not stages:
+        raise ConversionError(f"HTSAT stages are not numbered 0..n-1: {list(stages)}")
+    depths, heads, window_sizes, mlp_ratios = _stage_shapes(htsat, stages, embed_dim)
     # Window size: the bias tables of a stage whose resolution is at most the window are still built for the
     # configured window (the original shrinks the window at run time only), so every stage carries the same size.
     all_windows = set().union(*window_sizes)
@@ -125,15 +143,7 @@ def build_clap_audio_config(htsat: dict[str, torch.Tensor], spec_size: int = DEF
         raise ConversionError(f"HTSAT MLP ratios differ between stages: {mlp_ratios}")
     mlp_ratio = mlp_ratios[0]
 
-    # Patch stride: not visible in the conv weight. The stage-0 shift mask (when stored) holds one entry per window
-    # of the (spec_size / stride)^2 patch grid; otherwise the original's stride equals the patch size (4 / (4, 4)).
-    patch_stride = patch_size
-    mask_key = next((k for k in (f"layers.0.blocks.{b}.attn_mask" for b in stages[0]) if k in htsat), None)
-    if mask_key is not None:
-        grid = _windows_per_side(htsat[mask_key]) * window_size
-        if spec_size % grid != 0:
-            raise ConversionError(f"Stage-0 patch grid {grid} does not divide spec_size {spec_size}.")
-        patch_stride = spec_size // grid
+    patch_stride = _patch_stride(htsat, stages[0], window_size, spec_size, patch_size)
 
     num_layers = len(depths)
     hidden_size = embed_dim * 2 ** (num_layers - 1)
