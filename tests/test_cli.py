@@ -306,6 +306,21 @@ def test_ask_hub_id_without_network_fails_at_once(capsys, monkeypatch, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_ask_hub_id_of_an_original_release_prints_the_convert_command(capsys, monkeypatch):
+    """A Hub id whose repository has no config.json (the original release layout): the convert command to run."""
+    import transformers
+
+    def no_config(reference, **kwargs):
+        raise OSError(f"{reference} does not appear to have a file named config.json. Checkout "
+                      f"'https://huggingface.co/{reference}/tree/main' for available files.")
+
+    monkeypatch.setattr("af2_hf.hub_access.hub_files_mode", lambda repo_id, what: False)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_config)
+    err = _error(["ask", str(EXAMPLE), "q", "--model", "nvidia/audio-flamingo-2"], capsys)
+    assert "ORIGINAL release" in err
+    assert "af2-hf convert --af2-dir nvidia/audio-flamingo-2 --output-dir ./audio-flamingo-2-hf" in err
+
+
 def test_make_tiny_refuses_a_non_empty_folder(tiny_dir, tmp_path, capsys):
     target = _copy_tiny(tiny_dir, tmp_path / "existing")
     (target / "notes.txt").write_text("mine")
