@@ -1,12 +1,14 @@
 """Feature extractor of Audio Flamingo 2: 10-second windows of int16-quantised audio -> log-mel spectrograms.
 
-It reproduces the original pipeline (``inference.load_audio`` + ``CLAP.get_mel``) without torchaudio:
+It reproduces the original pipeline (``inference.load_audio`` + ``CLAP.get_mel``) without torchaudio, in named steps:
 
-1. peak normalisation (``do_normalize``), after truncating to ``max_num_windows`` windows;
-2. split into windows (``get_num_windows``), zero padding to whole windows;
-3. int16 round trip ``clip(x, -1, 1) * 32767 -> int16 (truncation) -> / 32767 -> float32`` (``do_quantize``);
-4. per window: ``torch.stft`` (periodic Hann, centre, reflect padding) -> ``|.|^2`` -> HTK triangular mel filterbank
-   (computed as torchaudio's ``melscale_fbanks(norm=None, mel_scale="htk")`` does) -> ``10 * log10(max(x, 1e-10))``.
+1. the waveform inputs as validated tensors (:mod:`.waveform_inputs`; files and ``datasets`` values are loaded by
+   :func:`af2_hf.load_audio`, see :meth:`AudioFlamingo2FeatureExtractor.fetch_audio`);
+2. truncation to ``max_num_windows`` windows and the window count (``get_num_windows``);
+3. peak normalisation (``do_normalize``), zero padding to whole windows and the int16 round trip (``do_quantize``)
+   (:func:`.log_mel.quantised_windows`);
+4. the log-mel of every window (:func:`.log_mel.log_mel_spectrogram`);
+5. the batch: padded with the log-mel of silence and ``input_features_mask`` 0.
 
 With the default settings the log-mel of the original is reproduced bit for bit.
 """
@@ -14,7 +16,6 @@ With the default settings the log-mel of the original is reproduced bit for bit.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -23,87 +24,15 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import logging
 
-from .audio import load_audio, peak_normalize
+from .audio import is_waveform, load_audio
+from .log_mel import htk_mel_filter_bank, log_mel_spectrogram, power_to_db, quantised_windows
+from .waveform_inputs import _input_device, _is_scalar_number, _pcm_to_float, waveform_list, waveform_tensor
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["AudioFlamingo2FeatureExtractor", "htk_mel_filter_bank"]
 
-# Windows per torch.stft call: bounds the complex intermediate (~4 MB per 10 s window) for very large batches.
-_MAX_WINDOWS_PER_STFT = 256
-
-
-def _hz_to_mel_htk(frequency: float) -> float:
-    return 2595.0 * math.log10(1.0 + frequency / 700.0)
-
-
-def htk_mel_filter_bank(
-    num_frequency_bins: int, num_mel_bins: int, min_frequency: float, max_frequency: float, sampling_rate: int
-) -> torch.Tensor:
-    """Triangular HTK mel filterbank without area normalisation, shape ``(num_frequency_bins, num_mel_bins)``.
-
-    Computed in float32 the way torchaudio's ``melscale_fbanks(..., norm=None, mel_scale="htk")`` computes it: the
-    FFT bin frequencies are a float32 ``linspace(0, sampling_rate // 2)``, the mel-spaced corner frequencies a
-    float32 ``linspace`` of HTK mels mapped back to Hz, and each filter the positive part of the smaller of its
-    rising and falling slopes. Matching the float32 arithmetic keeps the original log-mel bit-exact.
-    """
-    bin_frequencies = torch.linspace(0, sampling_rate // 2, num_frequency_bins, dtype=torch.float32)
-    mel_corners = torch.linspace(
-        _hz_to_mel_htk(min_frequency), _hz_to_mel_htk(max_frequency), num_mel_bins + 2, dtype=torch.float32
-    )
-    corner_frequencies = 700.0 * (10.0 ** (mel_corners / 2595.0) - 1.0)
-    corner_gaps = corner_frequencies[1:] - corner_frequencies[:-1]
-    # offsets[i, j] = corner j - frequency of bin i
-    offsets = corner_frequencies.unsqueeze(0) - bin_frequencies.unsqueeze(1)
-    rising = (-1.0 * offsets[:, :-2]) / corner_gaps[:-1]
-    falling = offsets[:, 2:] / corner_gaps[1:]
-    return torch.clamp(torch.minimum(rising, falling), min=0.0)
-
-
-def _is_scalar_number(value) -> bool:
-    return isinstance(value, (float, int, np.number)) and not isinstance(value, bool)
-
-
-# Integer PCM -> float64 as soundfile reads PCM files (dtype="float64"): signed samples are divided by 2**(bits-1),
-# unsigned 8-bit PCM is offset binary (128 is zero).
-_PCM_INTEGER_DTYPES = {torch.int8: 128.0, torch.int16: 32768.0, torch.int32: 2147483648.0, torch.uint8: 128.0}
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _pcm_to_float(waveform: torch.Tensor) -> torch.Tensor:
-    scale = _PCM_INTEGER_DTYPES[waveform.dtype]
-    samples = waveform.to(torch.float64)
-    if waveform.dtype == torch.uint8:
-        samples -= 128.0
-    return samples / scale
-
-
-def _numpy_to_torch(waveform: np.ndarray, index: int) -> torch.Tensor:
-    """A numpy waveform as a tensor sharing its memory where torch allows it (a copy for read-only, negatively
-    strided or non-native byte order arrays)."""
-    if not waveform.dtype.isnative:
-        waveform = waveform.astype(waveform.dtype.newbyteorder("="))
-    elif not waveform.flags.writeable or any(stride < 0 for stride in waveform.strides):
-        waveform = np.array(waveform)
-    try:
-        return torch.from_numpy(waveform)
-    except TypeError:
-        raise TypeError(
-            f"Audio {index} has dtype {waveform.dtype}: expected floating-point samples in [-1, 1] or integer PCM "
-            f"({', '.join(sorted(_dtype_name(d) for d in _PCM_INTEGER_DTYPES))})."
-        ) from None
-
-
-def _input_device(raw_audio) -> torch.device:
-    """Where a call's input lives: the device of its first tensor (a batch tensor or a list of them), else CPU."""
-    items = raw_audio if isinstance(raw_audio, (list, tuple)) else [raw_audio]
-    for item in items:
-        if isinstance(item, torch.Tensor):
-            return item.device
-    return torch.device("cpu")
+_ = _pcm_to_float  # importable from here as before
 
 
 def _truncation_enabled(truncation) -> bool:
@@ -118,19 +47,6 @@ def _truncation_enabled(truncation) -> bool:
         return value != "do_not_truncate"
     raise ValueError(f"truncation must be a bool or a truncation strategy, got {truncation!r}.")
 
-
-def _first_channel(waveform: torch.Tensor, index: int) -> torch.Tensor:
-    """The first channel of a 2-D waveform; the channel axis is the shorter one (axis 0 when both are equal)."""
-    if 1 in waveform.shape:
-        return waveform.reshape(-1)
-    channel_axis = 0 if waveform.shape[0] <= waveform.shape[1] else 1
-    channels = waveform.shape[channel_axis]
-    logger.warning(
-        f"Audio {index} has shape {tuple(waveform.shape)}: read as {channels} channels x "
-        f"{waveform.shape[1 - channel_axis]} samples ({'channels first' if channel_axis == 0 else 'channels last'}); "
-        "only channel 0 is kept, as the original read_audio (no down-mix). Pass a 1-D array to choose yourself."
-    )
-    return waveform.select(channel_axis, 0)
 
 
 class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
@@ -307,94 +223,19 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     # ------------------------------------------------------------------ inputs
 
     def fetch_audio(self, audio_url_or_urls, sampling_rate: int | None = None):
-        """Loads paths, bytes and file objects with [`af2_hf.load_audio`] (the original ``read_audio``: at most
-        ``max_audio_seconds()`` seconds, resampled to ``sampling_rate``, peak-normalised); arrays pass through.
-        A list is processed element-wise, unless it is a plain list of numbers (one waveform)."""
+        """Loads what is not a waveform (paths, bytes, file objects, ``datasets`` audio dicts and decoders) with
+        [`af2_hf.load_audio`] (the original ``read_audio``: at most ``max_audio_seconds()`` seconds, resampled to
+        ``sampling_rate``, peak-normalised); waveforms pass through. A list is processed element-wise, unless it is
+        a plain list of numbers (one waveform)."""
         sampling_rate = self.sampling_rate if sampling_rate is None else sampling_rate
         return self._fetch(audio_url_or_urls, sampling_rate, self.max_audio_seconds())
 
     def _fetch(self, audio, sampling_rate: int, max_seconds: float):
-        if isinstance(audio, (list, tuple)) and not (len(audio) > 0 and all(_is_scalar_number(v) for v in audio)):
+        if isinstance(audio, (list, tuple)) and not is_waveform(audio):
             return [self._fetch(item, sampling_rate, max_seconds) for item in audio]
-        if isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(audio, "read"):
-            return load_audio(audio, sampling_rate=sampling_rate, max_seconds=max_seconds)
-        return audio
-
-    @staticmethod
-    def _to_tensor(waveform, index: int, device: torch.device | None = None) -> torch.Tensor:
-        """One waveform as a validated 1-D float32/float64 tensor on ``device`` (default: where it already is), see
-        the class docstring for the accepted inputs. The waveform moves first, so the checks run on ``device``."""
-        if isinstance(waveform, torch.Tensor):
-            waveform = waveform.detach()
-        elif isinstance(waveform, (list, tuple)):
-            if not all(_is_scalar_number(v) for v in waveform):
-                raise TypeError(
-                    f"Audio {index}: a waveform given as a list must contain numbers only; got a nested list or "
-                    "other values. Pass a list of 1-D arrays for a batch."
-                )
-            waveform = torch.from_numpy(np.asarray(waveform, dtype=np.float64))
-        elif isinstance(waveform, (str, os.PathLike, bytes, bytearray, memoryview)):
-            raise TypeError(
-                f"Audio {index} is a path or bytes: load it first with af2_hf.load_audio(...) (or pass it to "
-                "AudioFlamingo2Processor, which loads it)."
-            )
-        elif isinstance(waveform, np.ndarray):
-            waveform = _numpy_to_torch(waveform, index)
-        else:
-            raise TypeError(
-                f"Audio {index}: expected a numpy array, torch tensor or list of floats, got {type(waveform).__name__}."
-            )
-        if device is not None:
-            waveform = waveform.to(device)
-        if waveform.ndim == 2:
-            waveform = _first_channel(waveform, index)
-        elif waveform.ndim != 1:
-            raise ValueError(
-                f"Audio {index} has shape {tuple(waveform.shape)}: expected a 1-D mono waveform (or a 2-D "
-                "multi-channel one)."
-            )
-        if waveform.dtype in (torch.float16, torch.bfloat16):
-            waveform = waveform.to(torch.float32)
-        elif waveform.dtype in _PCM_INTEGER_DTYPES:
-            waveform = _pcm_to_float(waveform)
-        if waveform.dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"Audio {index} has dtype {_dtype_name(waveform.dtype)}: expected floating-point samples in [-1, 1] "
-                f"or integer PCM ({', '.join(sorted(_dtype_name(d) for d in _PCM_INTEGER_DTYPES))}). Convert it to "
-                "float first (e.g. x / 32768 for 16-bit PCM), or load files with af2_hf.load_audio."
-            )
-        if waveform.numel() == 0:
-            raise ValueError(f"Audio {index} is empty (0 samples).")
-        # min and max are NaN or infinite exactly when some sample is (one pass, no full-size temporary).
-        if not bool(torch.isfinite(torch.stack(torch.aminmax(waveform))).all()):
-            finite = torch.isfinite(waveform)
-            nan = int(torch.isnan(waveform).sum())
-            infinite = int(waveform.numel() - finite.sum()) - nan
-            first = int(torch.argmin(finite.to(torch.uint8)))
-            raise ValueError(
-                f"Audio {index} contains NaN or infinite samples ({nan} NaN, {infinite} infinite, the first at "
-                f"sample {first}): clean it first, e.g. np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)."
-            )
-        return waveform
-
-    def _as_waveform_list(self, raw_audio, device: torch.device | None = None) -> list[torch.Tensor]:
-        if isinstance(raw_audio, (np.ndarray, torch.Tensor)):
-            if raw_audio.ndim == 2:
-                # (batch, samples); more rows than columns can only be one (samples, channels) waveform.
-                items = [raw_audio] if raw_audio.shape[0] > raw_audio.shape[1] else list(raw_audio)
-            elif raw_audio.ndim == 1:
-                items = [raw_audio]
-            else:
-                raise ValueError(
-                    f"Expected a 1-D waveform or a 2-D batch (batch, samples), got shape {tuple(raw_audio.shape)}."
-                )
-        elif isinstance(raw_audio, (list, tuple)):
-            if len(raw_audio) == 0:
-                raise ValueError("Received an empty list of audio.")
-            items = [raw_audio] if all(_is_scalar_number(v) for v in raw_audio) else list(raw_audio)
-        else:
-            items = [raw_audio]
-        return [self._to_tensor(item, index, device) for index, item in enumerate(items)]
+        if is_waveform(audio):
+            return audio
+        return load_audio(audio, sampling_rate=sampling_rate, max_seconds=max_seconds)
 
     def _check_sampling_rate(self, sampling_rate: int | None):
         if sampling_rate is None:
@@ -433,7 +274,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         ``max_num_windows`` windows (with a warning; ``truncation=False`` raises a `ValueError` instead), peak
         normalisation, zero padding to whole windows and the int16 round trip, as the original
         ``inference.load_audio``."""
-        waveform = self._to_tensor(waveform, index, torch.device("cpu"))
+        waveform = waveform_tensor(waveform, index, torch.device("cpu"))
         return self._clips(waveform, do_normalize, do_quantize, max_num_windows, index, truncation).numpy()
 
     def _clips(self, waveform: torch.Tensor, do_normalize, do_quantize, max_num_windows, index, truncation):
@@ -457,25 +298,8 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             waveform = waveform[:limit]
 
         num_windows = self.get_num_windows(waveform.shape[0], max_windows)
-        full_length = num_windows * self.window_samples - (num_windows - 1) * self.overlap_samples
-        # One buffer for normalisation and quantisation, updated in place (fresh full-size temporaries cost more
-        # than the arithmetic on the CPU); the padding stays zero, as when the original pads after normalising.
-        padded = waveform.new_zeros(full_length)
-        samples = padded[: waveform.shape[0]]
-        samples.copy_(waveform)
-        if do_normalize:
-            peak_normalize(samples, out=samples)
-
-        if do_quantize:
-            # .to(int16) truncates toward zero, as the original's astype; dividing the int16 values in float64 and
-            # rounding to float32 is what the original int16_to_float32 does.
-            quantised = padded.clamp_(-1.0, 1.0).mul_(32767.0).to(torch.int16)
-            exact = padded if padded.dtype == torch.float64 else torch.empty_like(padded, dtype=torch.float64)
-            signal = exact.copy_(quantised).div_(32767.0).to(torch.float32)
-        else:
-            signal = padded.to(torch.float32)
-        # consecutive windows start window_stride samples apart (the reshape when they do not overlap)
-        return signal.unfold(0, self.window_samples, self.window_stride)
+        return quantised_windows(waveform, num_windows, self.window_samples, self.window_stride, do_normalize,
+                                 do_quantize)
 
     def window_clips(
         self,
@@ -508,7 +332,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     def _clips_per_audio(
         self, raw_audio, do_normalize, do_quantize, max_num_windows, truncation=True, device=None
     ) -> list[torch.Tensor]:
-        waveforms = self._as_waveform_list(raw_audio, device)
+        waveforms = waveform_list(raw_audio, device)
         return [
             self._clips(waveform, do_normalize, do_quantize, max_num_windows, index, truncation)
             for index, waveform in enumerate(waveforms)
@@ -541,18 +365,16 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             self._device_cache[key] = (window.to(device), filters.to(device))
         return self._device_cache[key]
 
-    def _power_to_db(self, power: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(power, min=self.mel_floor).log10_().mul_(10.0)
-
     def silence_db(self) -> float:
         """The log-mel value of a zero clip (``10 * log10(mel_floor)`` in float32, -100 dB by default)."""
-        return self._power_to_db(torch.zeros(1, dtype=torch.float32)).item()
+        return power_to_db(torch.zeros(1, dtype=torch.float32), self.mel_floor).item()
 
     def log_mel(self, clips: torch.Tensor) -> torch.Tensor:
         """Log-mel (dB) of window clips ``(n, window_samples)`` float32 -> ``(n, num_frames, num_mel_bins)``.
 
-        One batched ``torch.stft`` (periodic Hann, centre, reflect padding) -> ``|.|^2`` -> mel filterbank ->
-        ``10 * log10(max(x, mel_floor))``, the operations of the original torchaudio transforms in the same order.
+        ``torch.stft`` (periodic Hann, centre, reflect padding) -> ``|.|^2`` -> mel filterbank ->
+        ``10 * log10(max(x, mel_floor))``, the operations of the original torchaudio transforms in the same order
+        (:func:`.log_mel.log_mel_spectrogram`).
         """
         if clips.ndim != 2 or clips.shape[-1] != self.window_samples:
             raise ValueError(
@@ -560,25 +382,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             )
         clips = clips.to(torch.float32)
         window, filters = self._window_and_filters(clips.device)
-        outputs = []
-        for start in range(0, clips.shape[0], _MAX_WINDOWS_PER_STFT):
-            spectrum = torch.stft(
-                clips[start : start + _MAX_WINDOWS_PER_STFT],
-                n_fft=self.n_fft,
-                hop_length=self.hop_length,
-                win_length=self.n_fft,
-                window=window,
-                center=True,
-                pad_mode="reflect",
-                normalized=False,
-                onesided=True,
-                return_complex=True,
-            )
-            power = spectrum.abs().pow_(2.0)
-            del spectrum
-            mel = torch.matmul(power.transpose(-1, -2), filters)
-            outputs.append(self._power_to_db(mel))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return log_mel_spectrogram(clips, window, filters, self.n_fft, self.hop_length, self.mel_floor)
 
     # ------------------------------------------------------------------ call
 
