@@ -71,7 +71,7 @@ AF2_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- elif message['role'] == 'user' -%}"
     "{%- if ns.audio -%}"
-    "{{- open + lead + close + ns.audio + open + text + close + sep_token -}}"
+    "{{- (open + lead + close if lead else '') + ns.audio + open + text + close + sep_token -}}"
     "{%- else -%}"
     "{{- open + lead + text + close + sep_token -}}"
     "{%- endif -%}"
@@ -79,7 +79,7 @@ AF2_CHAT_TEMPLATE = (
     "{%- if ns.audio -%}"
     "{{- raise_exception('Audio Flamingo 2 assistant turns cannot contain audio.') -}}"
     "{%- endif -%}"
-    "{{- open + lead + close -}}"
+    "{{- open + lead + close if lead else '' -}}"
     "{%- generation -%}"
     "{{- open + text + close + '<|endofchunk|>' + eos_token -}}"
     "{%- endgeneration -%}"
@@ -716,12 +716,12 @@ def _parse_prompt(text: str, audio_token: str) -> _Prompt:
 
 
 def _attach_markers(offsets: list[tuple[int, int]], source: str) -> list[tuple[int, int]]:
-    """Offsets with the marker characters before a token counted as part of it (so a generation span that starts
-    at a marker starts at a token)."""
+    """Offsets with the opening markers right before a token counted as part of it (so a generation span, which
+    starts at the marker, starts at a token)."""
     attached, previous = [], 0
     for begin, end in offsets:
-        if begin > previous and not source[previous:begin].strip(_MARKERS):
-            begin = previous
+        while begin > previous and source[begin - 1] == TEXT_OPEN:
+            begin -= 1
         attached.append((begin, end))
         previous = max(previous, end)
     return attached
