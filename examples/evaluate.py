@@ -12,9 +12,7 @@ import argparse
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
 import af2_hf  # noqa: F401  (registers Audio Flamingo 2 with the Auto classes)
-from af2_hf.evaluation import format_summary
-from af2_hf.evaluation.inputs import load_examples
-from af2_hf.evaluation.runner import evaluate_examples
+from af2_hf.evaluation import evaluate_examples, format_summary, load_examples
 
 
 def main(argv=None):

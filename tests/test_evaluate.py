@@ -35,7 +35,8 @@ def test_scores_of_each_task_kind():
     assert score_answer("maybe", "yes", ["no", "yes"]) == (False, None)
     assert score_row({"kind": "open", "prediction": "A sine tone.", "answer": "a sine tone"}) == {
         "exact_match": False, "correct": True}
-    assert score_row({"kind": "multiple_choice", "prediction": None, "answer": "a", "choices": ["a"]})["correct"] is False
+    unreadable = {"kind": "multiple_choice", "prediction": None, "answer": "a", "choices": ["a"]}
+    assert score_row(unreadable)["correct"] is False
 
     references = [["a dog barks loudly", "a dog is barking"], ["rain falls on a tin roof"]]
     perfect = caption_scores(["A dog barks loudly.", "rain falls on a tin roof"], references)
@@ -121,6 +122,15 @@ def test_evaluate_resumes_without_duplicates_and_reports_broken_audio(workspace,
     # A finished run has nothing left to do.
     assert evaluate(workspace, manifest, part) == 0
     assert read_rows(part) == rows and read_summary(part)["generated"] == 0
+
+    # Two runs never write the same results file at once.
+    holder = ResultsFile(part)
+    holder.lock()
+    try:
+        assert evaluate(workspace, manifest, part) == 2
+        assert "Another running evaluation" in capsys.readouterr().err
+    finally:
+        holder.unlock()
 
     # Results of other inputs are not resumed.
     other = workspace / "other.jsonl"

@@ -2,7 +2,10 @@
 or under ``accelerate launch`` / ``torchrun`` (each process takes its share; rank 0 writes), resumable.
 
     af2-hf evaluate DATA --model DIR --output predictions.jsonl [--batch-size 8] [--max-new-tokens 64] [...]
-    accelerate launch --multi_gpu --num_processes N -m af2_hf.cli evaluate DATA --model DIR --output ...
+    accelerate launch --multi_gpu --num_processes N -m af2_hf.commands.evaluate DATA --model DIR --output ...
+    torchrun --nproc_per_node N -m af2_hf.commands.evaluate DATA --model DIR --output ...
+
+(``python -m af2_hf.commands.evaluate ARGS`` is ``af2-hf evaluate ARGS``: the form launchers start.)
 """
 
 from __future__ import annotations
@@ -129,3 +132,9 @@ def run(args) -> int:
         print(json.dumps({key: summary[key] for key in ("complete", "examples", "written", "processes",
                                                         "examples_per_second")} | {"overall": summary["overall"]}))
     return 0
+
+
+if __name__ == "__main__":
+    from ..cli import main
+
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

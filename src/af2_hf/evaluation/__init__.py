@@ -10,6 +10,7 @@
 """
 
 from .generation import batch_plan, generate_answers, generate_answers_sharded, generate_batch
+from .inputs import Columns, EvaluationInputError, ExampleTable, load_examples
 from .metrics import (
     answer_accuracy,
     caption_scores,
@@ -19,15 +20,24 @@ from .metrics import (
     score_answer,
     summarize,
 )
+from .results import ResultsFile, ResultsFileError
+from .runner import evaluate_examples
 
 __all__ = [
+    "Columns",
+    "EvaluationInputError",
+    "ExampleTable",
+    "ResultsFile",
+    "ResultsFileError",
     "answer_accuracy",
     "batch_plan",
     "caption_scores",
+    "evaluate_examples",
     "format_summary",
     "generate_answers",
     "generate_answers_sharded",
     "generate_batch",
+    "load_examples",
     "match_choice",
     "normalize_answer",
     "score_answer",

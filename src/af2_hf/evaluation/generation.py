@@ -37,7 +37,8 @@ def batch_plan(indices: Sequence[int], batch_size: int, lengths: Sequence[float]
 def generate_batch(model, processor, prompts: Sequence[str], waveforms: Sequence, max_new_tokens: int = 64,
                    max_num_windows: int | None = None, **generate_kwargs) -> list[str]:
     """Answers for one batch: prompts and waveforms at the feature extractor's rate, left-padded, greedy unless
-    ``generate_kwargs`` say otherwise, decoded as the original ``predict`` ([`AudioFlamingo2Processor.decode_answer`])."""
+    ``generate_kwargs`` say otherwise, decoded as the original ``predict``
+    ([`AudioFlamingo2Processor.decode_answer`])."""
     device = next(model.parameters()).device
     inputs = processor(
         text=list(prompts),

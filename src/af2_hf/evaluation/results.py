@@ -8,6 +8,7 @@ run generates that example again and never writes an example twice.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -57,6 +58,26 @@ class ResultsFile:
         self.path = Path(path)
         if self.path.is_dir():
             raise ResultsFileError(f"The output {str(self.path)!r} is a folder; give a .jsonl file path.")
+
+    def lock(self) -> None:
+        """Takes an exclusive lock on ``.<name>.lock`` beside the file for this process's lifetime (or until
+        :meth:`unlock`), so that two runs never append to the same results (e.g. a restart while workers of a killed
+        launcher still run). Raises :class:`ResultsFileError` if another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path.with_name(f".{self.path.name}.lock"), "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ResultsFileError(f"Another running evaluation is writing {str(self.path)!r}: wait for it to end, "
+                                   "or stop it first.") from None
+        self._lock = handle
+
+    def unlock(self) -> None:
+        handle = getattr(self, "_lock", None)
+        if handle is not None:
+            handle.close()
+            self._lock = None
 
     def remove(self) -> None:
         if self.path.exists():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audio import AudioLoadError
@@ -18,10 +19,24 @@ from .inputs import ExampleTable
 from .metrics import score_row, summarize
 from .results import ResultsFile, ResultsFileError, write_json_atomic
 
-__all__ = ["default_summary_path", "evaluate_examples"]
+__all__ = ["RunSettings", "default_summary_path", "evaluate_examples"]
 
 #: Errors of one example's audio that are written into its row (the run goes on).
 AUDIO_ERRORS = (AudioLoadError, OSError, ValueError, TypeError)
+
+
+@dataclass
+class RunSettings:
+    """How :func:`evaluate_examples` batches, generates and reports (see its arguments)."""
+
+    summary_path: Path
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    max_num_windows: int | None = None
+    sort_by_length: bool = True
+    max_batches: int | None = None
+    progress: bool = True
+    generate_kwargs: dict = field(default_factory=dict)
 
 
 def default_summary_path(output: str | Path) -> Path:
@@ -33,6 +48,7 @@ def default_summary_path(output: str | Path) -> Path:
 def _resume_state(examples: ExampleTable, results: ResultsFile, overwrite: bool) -> dict:
     """Rank 0: the indices already written (checked against the inputs), or the error that stops the run."""
     try:
+        results.lock()
         if overwrite:
             results.remove()
         done = results.read()
@@ -45,6 +61,7 @@ def _resume_state(examples: ExampleTable, results: ResultsFile, overwrite: bool)
                 )
         return {"done": sorted(row["index"] for row in done)}
     except (ResultsFileError, OSError) as error:
+        results.unlock()
         return {"error": f"{type(error).__name__}: {error}"}
 
 
@@ -120,16 +137,26 @@ def evaluate_examples(
     state = broadcast_from_main(_resume_state(examples, results, overwrite) if rank == 0 else None)
     if "error" in state:
         raise ResultsFileError(state["error"])
-    done = set(state["done"])
+    settings = RunSettings(Path(summary_path or default_summary_path(output)), batch_size, max_new_tokens,
+                           max_num_windows, sort_by_length, max_batches, progress, generate_kwargs)
+    try:
+        return _run(model, processor, examples, results, set(state["done"]), settings)
+    finally:
+        results.unlock()
+
+
+def _run(model, processor, examples: ExampleTable, results: ResultsFile, done: set, settings: RunSettings):
+    """The generation loop over the pending examples; rank 0 writes, then returns the summary."""
+    rank, world_size = process_index()
     pending = [index for index in range(len(examples)) if index not in done]
-    lengths = _audio_lengths(examples, pending, rank, world_size) if sort_by_length else None
-    plan = batch_plan(pending, batch_size, lengths)
+    lengths = _audio_lengths(examples, pending, rank, world_size) if settings.sort_by_length else None
+    plan = batch_plan(pending, settings.batch_size, lengths)
     steps = math.ceil(len(plan) / world_size)
-    if max_batches is not None:
-        steps = min(steps, max_batches)
+    if settings.max_batches is not None:
+        steps = min(steps, settings.max_batches)
 
     bar = None
-    if progress and rank == 0:
+    if settings.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), initial=len(done), desc="evaluating", unit="example", dynamic_ncols=True)
@@ -141,7 +168,8 @@ def evaluate_examples(
         for step in range(steps):
             position = step * world_size + rank
             batch = plan[position] if position < len(plan) else []
-            rows = _result_rows(model, processor, examples, batch, max_new_tokens, max_num_windows, generate_kwargs)
+            rows = _result_rows(model, processor, examples, batch, settings.max_new_tokens, settings.max_num_windows,
+                                settings.generate_kwargs)
             gathered = gather_to_main(rows)
             if rank == 0:
                 step_rows = sorted((row for part in gathered for row in part), key=lambda row: row["index"])
@@ -156,7 +184,7 @@ def evaluate_examples(
     if rank != 0:
         return None
     seconds = time.perf_counter() - start
-    return _finish(results, examples, summary_path or default_summary_path(output), world_size, generated, seconds)
+    return _finish(results, examples, settings.summary_path, world_size, generated, seconds)
 
 
 def _finish(results: ResultsFile, examples: ExampleTable, summary_path, world_size: int, generated: int,
