@@ -18,9 +18,8 @@ REFERENCE_MODEL_TYPES = ("audioflamingo3", "qwen2_audio")
 def _auto_model_classes_of_reference_models() -> set[str]:
     """Names of the AutoModel* classes whose mapping lists AudioFlamingo3 or Qwen2-Audio in the installed release."""
     names = set()
-    for name in dir(transformers):
-        auto_class = getattr(transformers, name, None)
-        mapping = getattr(auto_class, "_model_mapping", None)
+    for name in dir(modeling_auto):
+        mapping = getattr(getattr(modeling_auto, name), "_model_mapping", None)
         if name.startswith("AutoModel") and mapping is not None:
             if any(model_type in mapping._model_mapping for model_type in REFERENCE_MODEL_TYPES):
                 names.add(name)
@@ -35,7 +34,7 @@ def test_reference_models_are_found_in_the_installed_release():
 
 @pytest.mark.parametrize("auto_name", sorted(_auto_model_classes_of_reference_models()))
 def test_every_auto_model_class_of_the_reference_models_maps_af2(auto_name):
-    mapped = getattr(transformers, auto_name)._model_mapping[AudioFlamingo2Config]
+    mapped = getattr(modeling_auto, auto_name)._model_mapping[AudioFlamingo2Config]
     base = auto_name == "AutoModel"
     assert mapped is (AudioFlamingo2Model if base else AudioFlamingo2ForConditionalGeneration)
 
@@ -60,7 +59,7 @@ def test_auto_classes_load_a_saved_af2_folder(tmp_path):
 
     make_tiny_model(tmp_path / "tiny")
     for auto_name in sorted(_auto_model_classes_of_reference_models()):
-        model = getattr(transformers, auto_name).from_pretrained(tmp_path / "tiny")
+        model = getattr(modeling_auto, auto_name).from_pretrained(tmp_path / "tiny")
         assert isinstance(model, AudioFlamingo2Model if auto_name == "AutoModel" else AudioFlamingo2ForConditionalGeneration)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")
     assert tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids("<audio>")) == "<audio>"
@@ -74,7 +73,7 @@ def test_modeling_auto_has_no_other_reference_mapping():
         and any(model_type in getattr(modeling_auto, name) for model_type in REFERENCE_MODEL_TYPES)
     }
     covered = {
-        getattr(transformers, auto_name)._model_mapping._model_mapping is getattr(modeling_auto, name) and name
+        getattr(modeling_auto, auto_name)._model_mapping._model_mapping is getattr(modeling_auto, name) and name
         for auto_name in _auto_model_classes_of_reference_models() for name in listed
     } - {False}
     assert covered == listed

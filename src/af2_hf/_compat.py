@@ -10,6 +10,7 @@
 """
 
 import functools
+import inspect
 
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
@@ -35,7 +36,8 @@ def cache_argument(forward):
 
     transformers >= 5.24: transformers' own ``deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``, the
     decorator its models (Qwen2, Llama, Mllama) carry, so the warning is theirs word for word. Older releases, where
-    ``past_key_values`` is the only name: renamed silently (passing both is an error).
+    ``past_key_values`` is the only name: renamed silently (passing both is an error), and the signature lists
+    ``past_key_values`` (generate checks its model kwargs against the forward's signature there).
     """
     if CACHE_KEY == "cache":
         return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
@@ -50,4 +52,9 @@ def cache_argument(forward):
                 kwargs["cache"] = past_key_values
         return forward(*args, **kwargs)
 
+    signature = inspect.signature(forward)
+    parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    parameters.append(inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None))
+    parameters += [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    wrapper.__signature__ = signature.replace(parameters=parameters)
     return wrapper
