@@ -14,9 +14,8 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-from ..cli import MODEL_ENV, CliError
+from ..cli import MODEL_ENV, CliError, check_device, resolve_model_reference
 
 
 def _positive_int(text: str) -> int:
@@ -66,22 +65,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _load_model(reference: str, adapter: str | None, device, dtype_name: str):
+def _load_model(model_reference: str, adapter: str | None, device, dtype_name: str):
+    """(model on ``device``, processor) of a converted AF2 folder or Hub repo; CliError with guidance otherwise."""
     import torch
     from transformers import AutoModelForMultimodalLM, AutoProcessor
 
-    path = Path(reference).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
-        raise CliError(f"--model {reference!r} is not a converted model folder (no config.json).")
+    reference, local_files_only = resolve_model_reference(model_reference)
     if dtype_name == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, dtype_name)
     try:
-        processor = AutoProcessor.from_pretrained(reference)
-        model = AutoModelForMultimodalLM.from_pretrained(reference, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(reference, local_files_only=local_files_only)
+        model = AutoModelForMultimodalLM.from_pretrained(reference, dtype=dtype, local_files_only=local_files_only)
     except (OSError, ValueError) as error:
-        raise CliError(f"Could not load the model {reference!r}: {str(error).strip().splitlines()[0]}") from None
+        raise CliError(f"Could not load the model {model_reference!r}: {str(error).strip().splitlines()[0]}") from None
+    if model.config.model_type != "audioflamingo2":
+        raise CliError(f"{model_reference!r} holds a {model.config.model_type!r} model; af2-hf evaluate runs Audio "
+                       "Flamingo 2 models.")
     if adapter:
         from peft import PeftModel
 
@@ -108,10 +109,7 @@ def run(args) -> int:
                                  task=args.task, prompt=args.prompt, caption_tasks=caption_tasks, limit=args.limit)
     except (EvaluationInputError, ManifestError, FileNotFoundError) as error:
         raise CliError(str(error)) from None
-    try:
-        device = setup_device(args.device)
-    except (RuntimeError, ValueError) as error:
-        raise CliError(f"--device {args.device!r}: {error}") from None
+    device = setup_device(check_device(args.device))
     rank, world_size = init_from_environment(device)
     try:
         model, processor = _load_model(reference, args.adapter, device, args.dtype)
