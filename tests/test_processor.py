@@ -338,7 +338,7 @@ def test_audio_only_call(golden, golden_processor):
     assert relative_error(out["input_features"][0], golden["a.mel"]) <= MAX_RELATIVE_ERROR
 
 
-# ---------------------------------------------------------------------------------------------------- transformers contracts
+# ---------------------------------------------------------------------------------------------------- contracts
 
 
 def test_text_only_call_returns_the_tokenized_prompt(golden_processor, af2_tokenizer):

@@ -45,7 +45,8 @@ def plain_ids(tokenizer, text: str) -> list[int]:
 
 
 def test_the_injections_cover_every_control_token(af2_tokenizer):
-    assert {"<audio>", "<|endofchunk|>", "<SEP>", "<|endoftext|>", "<|PAD_TOKEN|>"} <= set(control_tokens(af2_tokenizer))
+    expected = {"<audio>", "<|endofchunk|>", "<SEP>", "<|endoftext|>", "<|PAD_TOKEN|>"}
+    assert expected <= set(control_tokens(af2_tokenizer))
 
 
 def nfc(text: str) -> str:

@@ -30,7 +30,8 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # The original prompt f"<audio>{question.lower().strip()}<SEP>" and training target
 # f"{answer.lower().strip()}<|endofchunk|>{eos}", turn after turn (see the class docstring): a system text goes first,
-# followed by one space (written inside the next turn's text, so that the text is encoded as one piece); a user turn holds one <audio> per audio block, always in front of its text; assistant turns
+# followed by one space (written inside the next turn's text, so that the text is encoded as one piece); a user turn
+# holds one <audio> per audio block, always in front of its text; assistant turns
 # are wrapped in {% generation %} for return_assistant_tokens_mask. Message text is wrapped in text_open/text_close
 # (empty unless the processor tokenises the chat). A continued final message (continue_final_message=True) keeps its
 # case: it is the start of the answer the model writes.
@@ -140,7 +141,8 @@ class AudioFlamingo2Processor(ProcessorMixin):
     ``processor(text=..., audio=...)`` takes one audio per text (or none). Each text is one of:
 
     - a **prompt** holding one ``<audio>`` placeholder (or none, for a text-only prompt): used verbatim, its
-      special tokens are control tokens by design (e.g. a training text ``"<audio>q<SEP>a<|endofchunk|><|endoftext|>"``);
+      special tokens are control tokens by design (e.g. a training text
+      ``"<audio>q<SEP>a<|endofchunk|><|endoftext|>"``);
     - a **question**: a text without ``<audio>`` given with its own audio becomes the original prompt
       ``f"<audio>{question.lower().strip()}<SEP>"``. The question is user text: special-token strings in it
       (``<|endoftext|>``, ``<audio>``, ``<SEP>``, ...) are encoded as plain text, never as control ids;
@@ -149,8 +151,10 @@ class AudioFlamingo2Processor(ProcessorMixin):
     Audio is matched to texts one to one when there are as many audios as texts (``None`` for a text-only sample),
     else in order to the ``<audio>`` placeholders. A sample without audio gets an all-zero ``input_features_mask``
     row; a call without any audio returns ``input_ids`` and ``attention_mask`` only. Text-only questions (the
-    original's text-only prompt ``f"{question.lower().strip()}<SEP>"``) come from the chat template:
-    ``apply_chat_template([{"role": "user", "content": question}], tokenize=True)``.
+    original's text-only prompt ``f"{question.lower().strip()}<SEP>"``) come from the chat template, or from
+    [`~AudioFlamingo2Processor.apply_question_request`], which takes questions with or without audio and keeps every
+    question plain text (``processor(text=...)`` reads a text holding ``<audio>`` as a prompt: ``<audio>`` is a
+    placeholder by design on that path only).
 
     The AF2 audio token is not expanded: the audio enters the model through cross-attention. Texts are tokenised with
     ``max_length=512`` and truncation (a warning names truncated samples) and without added BOS/EOS, as the
@@ -236,7 +240,9 @@ class AudioFlamingo2Processor(ProcessorMixin):
         """[`ProcessorMixin.save_pretrained`], leaving this processor as it was: the ``auto_map`` written into the
         saved configs (for ``trust_remote_code`` loading) is not set on the processor or its feature extractor, and
         the tokenizer keeps its processor class."""
-        state = [(obj, "auto_map", copy.deepcopy(obj.__dict__.get("auto_map"))) for obj in (self, self.feature_extractor)]
+        state = [
+            (obj, "auto_map", copy.deepcopy(obj.__dict__.get("auto_map"))) for obj in (self, self.feature_extractor)
+        ]
         state.append((self.tokenizer, "_processor_class", self.tokenizer.__dict__.get("_processor_class")))
         present = {(id(obj), name): name in obj.__dict__ for obj, name, _ in state}
         try:
@@ -254,7 +260,9 @@ class AudioFlamingo2Processor(ProcessorMixin):
 
     # ------------------------------------------------------------------ call
 
-    def __call__(self, text: str | list[str] | None = None, audio=None, **kwargs: Unpack[AudioFlamingo2ProcessorKwargs]):
+    def __call__(
+        self, text: str | list[str] | None = None, audio=None, **kwargs: Unpack[AudioFlamingo2ProcessorKwargs]
+    ) -> BatchFeature:
         """Prepares model inputs.
 
         Runs ProcessorMixin's steps (``validate_inputs``, ``_merge_kwargs`` with the tokenizer's init kwargs,
@@ -296,7 +304,8 @@ class AudioFlamingo2Processor(ProcessorMixin):
         data: dict[str, Any] = {}
         rows = list(range(len(items))) if items is not None else []
         if texts is not None:
-            prompts, rows = self.build_prompts(texts, items, sanitize=bool(text_kwargs.pop("sanitize_control_tokens", 0)))
+            sanitize = bool(text_kwargs.pop("sanitize_control_tokens", False))
+            prompts, rows = self.build_prompts(texts, items, sanitize=sanitize)
             data.update(self._encode_prompts(prompts, text_kwargs, merged))
         if items is not None and any(item is not None for item in items):
             features, _ = self._process_audio([item for item in items if item is not None], **audio_kwargs)
@@ -323,7 +332,9 @@ class AudioFlamingo2Processor(ProcessorMixin):
         template to keep it plain text."""
         return f"{self.audio_token if audio else ''}{str(question).lower().strip()}{self.tokenizer.sep_token}"
 
-    def build_prompts(self, texts: list[str], items: list | None, sanitize: bool = False) -> tuple[list[_Prompt], list[int]]:
+    def build_prompts(
+        self, texts: list[str], items: list | None, sanitize: bool = False
+    ) -> tuple[list[_Prompt], list[int]]:
         """Each text as a [`_Prompt`] and, for every audio in ``items`` (``None`` entries skipped), the row of the
         text it belongs to: one to one when there are as many audios as texts, else in placeholder order."""
         parsed = [_parse_prompt(t if not sanitize else _TRANSFORMERS_MARKS.sub("", t), self.audio_token) for t in texts]
@@ -406,10 +417,8 @@ class AudioFlamingo2Processor(ProcessorMixin):
             split_special_tokens=False,
         ) if control else {"input_ids": [], "offset_mapping": []}
         control_pieces = iter(zip(control_out["input_ids"], control_out["offset_mapping"]))
-        plain_pieces = iter(
-            (encoding.ids, encoding.offsets)
-            for encoding in (plain_text_tokenizer(self.tokenizer).encode_batch(plain, add_special_tokens=False) if plain else [])
-        )
+        plain_encodings = plain_text_tokenizer(self.tokenizer).encode_batch(plain, add_special_tokens=False)
+        plain_pieces = iter((encoding.ids, encoding.offsets) for encoding in plain_encodings)
         encoded = []
         for prompt in prompts:
             ids, offsets = [], []
@@ -518,7 +527,7 @@ class AudioFlamingo2Processor(ProcessorMixin):
         rate = self.feature_extractor.sampling_rate
         max_seconds = self.feature_extractor.max_audio_seconds(kwargs.get("max_num_windows"))
         waveforms = [
-            item if is_waveform(item) else load_audio(item, sampling_rate=rate, max_seconds=max_seconds, truncation=truncation)
+            item if is_waveform(item) else load_audio(item, rate, max_seconds=max_seconds, truncation=truncation)
             for item in audio
         ]
         sampling_rate = self._waveform_sampling_rate(audio, kwargs.get("sampling_rate"))
@@ -610,7 +619,9 @@ class AudioFlamingo2Processor(ProcessorMixin):
         )
         conversations = conversation if batched else [conversation]
         max_seconds = self.feature_extractor.max_audio_seconds()
-        loaded = [[self._load_message_audio(message, max_seconds) for message in messages] for messages in conversations]
+        loaded = [
+            [self._load_message_audio(message, max_seconds) for message in messages] for messages in conversations
+        ]
         return loaded if batched else loaded[0]
 
     def _load_message_audio(self, message, max_seconds: float):
@@ -628,7 +639,7 @@ class AudioFlamingo2Processor(ProcessorMixin):
                     )
                 source = sources[0]
                 if not is_waveform(source):
-                    source = load_audio(source, sampling_rate=self.feature_extractor.sampling_rate, max_seconds=max_seconds)
+                    source = load_audio(source, self.feature_extractor.sampling_rate, max_seconds=max_seconds)
                 elif isinstance(source, torch.Tensor):
                     source = source.detach().cpu().numpy()
                 block = {key: value for key, value in block.items() if key not in ("audio", "url", "path")}
