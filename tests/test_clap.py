@@ -158,6 +158,9 @@ def test_conversion_refuses_pickled_objects_unknown_keys_and_wrong_t5(tmp_path):
     with pytest.raises(ConversionError, match="num_layers"):
         convert_afclap_checkpoint(golden / "clap_ckpt" / "epoch_15.pt", t5, tmp_path / "out", verbose=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t5", "unsafe.pt"], "a failed conversion leaves nothing"
+    (t5 / "config.json").write_text(json.dumps({**t5_config, "d_ff": t5_config["d_ff"] * 2}))
+    with pytest.raises(ConversionError, match="size mismatch"):
+        convert_afclap_checkpoint(golden / "clap_ckpt" / "epoch_15.pt", t5, tmp_path / "out", verbose=False)
 
 
 # ------------------------------------------------------------------------------------------------------------ text

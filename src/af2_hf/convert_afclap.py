@@ -247,7 +247,10 @@ def _load_model(config, state_dict: dict[str, torch.Tensor]):
                               f"{unexpected}.")
     if "text_model.encoder.embed_tokens.weight" in expected:
         state_dict = {**state_dict, "text_model.encoder.embed_tokens.weight": state_dict["text_model.shared.weight"]}
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as error:  # differently shaped tensors (e.g. a T5 config whose d_ff does not fit)
+        raise ConversionError(f"The checkpoint does not fit the AF-CLAP config built for it: {error}") from None
     return model.eval()
 
 
