@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CLIP_NAMES = ("a", "b", "c")
 
 
 def clap_golden_dir() -> Path:
@@ -37,19 +36,40 @@ def expected_json() -> dict:
     return json.loads((clap_golden_dir() / "expected.json").read_text(encoding="utf-8"))
 
 
+def clip_names() -> list[str]:
+    """The golden clips, in the order the original processed them (one call)."""
+    return list(expected_json()["clips"])
+
+
+def checkpoint_path() -> Path:
+    return clap_golden_dir() / expected_json()["files"]["checkpoint"]
+
+
+def t5_dir() -> Path:
+    return clap_golden_dir() / expected_json()["files"]["t5_stand_in"]
+
+
+def clip_index(longer: bool) -> int:
+    """The first clip the fusion branch cropped (``longer``) or did not."""
+    fusion = expected_json()["fusion"]
+    found = [i for i, name in enumerate(clip_names()) if (fusion[name]["fusion_choice"] is not None) == longer]
+    assert found, f"the golden set has no clip with longer={longer}"
+    return found[0]
+
+
 def labels() -> list[str]:
     return json.loads((clap_golden_dir() / "labels.json").read_text(encoding="utf-8"))
 
 
 def clip_paths() -> list[str]:
     info = expected_json()["clips"]
-    return [str(clap_golden_dir() / "audio" / info[name]["file"]) for name in CLIP_NAMES]
+    return [str(clap_golden_dir() / "audio" / info[name]["file"]) for name in clip_names()]
 
 
 def recorded_crops() -> list[tuple[int, int, int] | None]:
     """The fusion crops the original drew (``None`` for clips the fusion branch did not crop)."""
     crops = []
-    for name in CLIP_NAMES:
+    for name in clip_names():
         choice = expected_json()["fusion"][name]["fusion_choice"]
         crops.append(None if choice is None else (choice["idx_front"], choice["idx_middle"], choice["idx_back"]))
     return crops
@@ -64,12 +84,8 @@ def converted_clap_dir() -> Path:
     """The golden release checkpoint converted once per test session."""
     from af2_hf.convert_afclap import convert_afclap_checkpoint
 
-    golden = clap_golden_dir()
     out = Path(tempfile.mkdtemp(prefix="afclap_tiny_")) / "converted"
-    convert_afclap_checkpoint(
-        golden / expected_json()["files"]["checkpoint"], golden / expected_json()["files"]["t5_stand_in"], out,
-        verbose=False,
-    )
+    convert_afclap_checkpoint(checkpoint_path(), t5_dir(), out, verbose=False)
     return out
 
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from clap_testing import (
-    CLIP_NAMES,
     RELATIVE_TOLERANCE,
+    checkpoint_path,
     clap_golden_dir,
+    clip_index,
+    clip_names,
     clip_paths,
     converted_clap_dir,
     expected,
@@ -22,6 +24,8 @@ from clap_testing import (
     load_model,
     load_processor,
     max_norm_error,
+    recorded_crops,
+    t5_dir,
 )
 
 
@@ -101,9 +105,8 @@ print(type(model).__name__, tuple(embeds.shape))
 def test_conversion_output_and_report(tmp_path):
     from af2_hf.convert_afclap import convert_afclap_checkpoint
 
-    golden = clap_golden_dir()
     out = tmp_path / "afclap"
-    checkpoint, t5 = golden / "clap_ckpt" / "epoch_15.pt", golden / "flan_t5_tiny"
+    checkpoint, t5 = checkpoint_path(), t5_dir()
     report = convert_afclap_checkpoint(checkpoint, t5, out, verbose=False)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
@@ -123,10 +126,9 @@ def test_conversion_refuses_a_non_empty_folder(tmp_path):
     from af2_hf.atomic import OutputDirectoryNotEmptyError
     from af2_hf.convert_afclap import convert_afclap_checkpoint
 
-    golden = clap_golden_dir()
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(OutputDirectoryNotEmptyError):
-        convert_afclap_checkpoint(golden / "clap_ckpt" / "epoch_15.pt", golden / "flan_t5_tiny", tmp_path,
+        convert_afclap_checkpoint(checkpoint_path(), t5_dir(), tmp_path,
                                   verbose=False)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
@@ -135,32 +137,31 @@ def test_conversion_refuses_pickled_objects_unknown_keys_and_wrong_t5(tmp_path):
     from af2_hf.convert_af2 import ConversionError
     from af2_hf.convert_afclap import build_afclap_config, convert_afclap_state_dict, load_release_state_dict
 
-    golden = clap_golden_dir()
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"state_dict": {}, "extra": ConversionError("not a tensor")}, unsafe)
     with pytest.raises(ConversionError, match="weights_only"):
         load_release_state_dict(unsafe)
 
-    state = load_release_state_dict(golden / "clap_ckpt" / "epoch_15.pt")
+    state = load_release_state_dict(checkpoint_path())
     assert not any(key.startswith("module.") for key in state)
-    config = build_afclap_config(state, golden / "flan_t5_tiny")
+    config = build_afclap_config(state, t5_dir())
     with pytest.raises(ConversionError, match="Unmapped AF-CLAP checkpoint keys: mystery.weight"):
         convert_afclap_state_dict({**state, "mystery.weight": torch.zeros(1)}, config)
 
     t5 = tmp_path / "t5"
     t5.mkdir()
-    t5_config = json.loads((golden / "flan_t5_tiny" / "config.json").read_text())
+    t5_config = json.loads((t5_dir() / "config.json").read_text())
     (t5 / "config.json").write_text(json.dumps({**t5_config, "num_layers": t5_config["num_layers"] + 1}))
     with pytest.raises(ConversionError, match="num_layers"):
         build_afclap_config(state, t5)
     from af2_hf.convert_afclap import convert_afclap_checkpoint
 
     with pytest.raises(ConversionError, match="num_layers"):
-        convert_afclap_checkpoint(golden / "clap_ckpt" / "epoch_15.pt", t5, tmp_path / "out", verbose=False)
+        convert_afclap_checkpoint(checkpoint_path(), t5, tmp_path / "out", verbose=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t5", "unsafe.pt"], "a failed conversion leaves nothing"
     (t5 / "config.json").write_text(json.dumps({**t5_config, "d_ff": t5_config["d_ff"] * 2}))
     with pytest.raises(ConversionError, match="size mismatch"):
-        convert_afclap_checkpoint(golden / "clap_ckpt" / "epoch_15.pt", t5, tmp_path / "out", verbose=False)
+        convert_afclap_checkpoint(checkpoint_path(), t5, tmp_path / "out", verbose=False)
 
 
 # ------------------------------------------------------------------------------------------------------------ text
@@ -202,7 +203,7 @@ def test_untruncated_long_text_is_packed_like_the_tokenizer_truncates(model, pro
 
 
 def test_mixed_length_batch_equals_single_calls(model, processor):
-    crops = [None, (3, 60, 120), (10, 700, 1400)]
+    crops = recorded_crops()
     batch = _audio_embeds(model, processor(audio=clip_paths(), crop_indices=crops))
     for index, path in enumerate(clip_paths()):
         single = _audio_embeds(model, processor(audio=path, crop_indices=[crops[index]]))
@@ -211,12 +212,13 @@ def test_mixed_length_batch_equals_single_calls(model, processor):
 
 def test_default_crops_are_deterministic_first_middle_last(processor):
     extractor = processor.feature_extractor
-    total = expected_json()["fusion"]["c"]["fusion_choice"]["total_frames"]
+    longer = clip_index(longer=True)
+    total = expected_json()["fusion"][clip_names()[longer]]["fusion_choice"]["total_frames"]
     ranges = extractor.crop_ranges(total)
     expected_crops = (int(ranges[0][0]), int(ranges[1][len(ranges[1]) // 2]), total - extractor.chunk_frames)
-    first = extractor(clip_paths()[2], return_tensors="pt")["input_features"]
-    again = extractor(clip_paths()[2], return_tensors="pt")["input_features"]
-    given = extractor(clip_paths()[2], crop_indices=[expected_crops], return_tensors="pt")["input_features"]
+    first = extractor(clip_paths()[longer], return_tensors="pt")["input_features"]
+    again = extractor(clip_paths()[longer], return_tensors="pt")["input_features"]
+    given = extractor(clip_paths()[longer], crop_indices=[expected_crops], return_tensors="pt")["input_features"]
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     torch.testing.assert_close(first, given, rtol=0, atol=0)
 
@@ -225,10 +227,11 @@ def test_waveform_arrays_stereo_and_other_rates_match_files(processor):
     """An array in (channels, samples) at the file's rate gives the features of the file (librosa.load semantics)."""
     import soundfile
 
-    data, rate = soundfile.read(clip_paths()[1], dtype="float32", always_2d=True)
-    from_array = processor.feature_extractor([data.T], sampling_rate=rate, crop_indices=[(9, 51, 102)],
-                                             return_tensors="pt")
-    from_file = processor.feature_extractor(clip_paths()[1], crop_indices=[(9, 51, 102)], return_tensors="pt")
+    longer = clip_index(longer=True)
+    crops = [recorded_crops()[longer]]
+    data, rate = soundfile.read(clip_paths()[longer], dtype="float32", always_2d=True)
+    from_array = processor.feature_extractor([data.T], sampling_rate=rate, crop_indices=crops, return_tensors="pt")
+    from_file = processor.feature_extractor(clip_paths()[longer], crop_indices=crops, return_tensors="pt")
     torch.testing.assert_close(from_array["input_features"], from_file["input_features"], rtol=0, atol=1e-4)
 
 
@@ -256,7 +259,7 @@ def test_nan_empty_and_silent_audio(model, processor, caplog):
     with pytest.raises(ValueError, match="empty"):
         processor(audio=np.zeros(0, dtype=np.float32))
     with pytest.raises(ValueError, match="crop indices"):
-        processor(audio=clip_paths()[2], crop_indices=[(0, 0, 10_000)])
+        processor(audio=clip_paths()[clip_index(longer=True)], crop_indices=[(0, 0, 10_000)])
     bad_features = torch.zeros(1, 4, 1001, 64)
     bad_features[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
@@ -287,11 +290,13 @@ def test_missing_audio_file_is_an_audio_load_error(processor, tmp_path):
 def test_cli_clap_labels_prints_the_golden_ranking(capsys):
     from af2_hf.cli import main
 
-    assert main(["clap", "labels", clip_paths()[0], "--labels", *labels(), "--model", str(converted_clap_dir())]) == 0
+    short = clip_index(longer=False)  # the command uses the default crops: a clip without crops matches the original
+    model = str(converted_clap_dir())
+    assert main(["clap", "labels", clip_paths()[short], "--labels", *labels(), "--model", model]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(labels())
     probabilities = torch.tensor([float(line.split("\t")[0]) for line in lines])
-    reference = expected()["logits_per_audio"][0].softmax(-1)
+    reference = expected()["logits_per_audio"][short].softmax(-1)
     assert lines[0].split("\t", 1)[1] == labels()[int(reference.argmax())]
     assert max_norm_error(probabilities, reference.sort(descending=True).values) <= 1e-3  # printed with 4 decimals
 
@@ -303,15 +308,10 @@ def test_cli_clap_errors_exit_2(tmp_path, capsys):
     assert main(["clap", "labels", str(tmp_path / "nope.wav"), "--labels", "x", "--model", model]) == 2
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "file").write_text("x")
-    golden = clap_golden_dir()
-    code = main(["clap", "convert", "--checkpoint", str(golden / "clap_ckpt" / "epoch_15.pt"), "--text-model",
-                 str(golden / "flan_t5_tiny"), "--output-dir", str(tmp_path / "out")])
+    code = main(["clap", "convert", "--checkpoint", str(checkpoint_path()), "--text-model",
+                 str(t5_dir()), "--output-dir", str(tmp_path / "out")])
     assert code == 2
     assert "not empty" in capsys.readouterr().err
-
-
-def test_names_of_golden_clips():
-    assert tuple(expected_json()["clips"]) == CLIP_NAMES
 
 
 def test_device_parity_rows_on_cpu():
