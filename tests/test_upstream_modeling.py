@@ -4,10 +4,14 @@ Every inputs dict holds ``input_features`` with two windows per sample, the seco
 ``input_features_mask`` is 0), and the cross-attention gates of every model the mixins build are opened (the
 tester's ``_init_weights`` hook below), so the audio moves the logits and every test exercises the audio path.
 
-A skip is allowed only where transformers' own audioflamingo3 / qwen2_audio / mllama tests skip the same test for
-the same reason, or where the generation mixin (copied from transformers 5.16.dev, older than the installed release)
-fails only because of an API change; the reason is written at each skip, and the contract such a skip leaves out is
-covered in ``tests/test_generation_contracts.py``.
+No test is skipped by this class. What it sets, as transformers' own model tests do: `_prepare_for_class` adds the
+causal-LM labels the mixin adds by name only for classes in transformers' Auto mappings; the mixin's cache-check hook
+`_check_past_key_values_for_generate` checks the decoder's layers with the mixin's own check and the gated
+cross-attention blocks' audio layers after them; `skip_test_audio_features_output_shape` (the mixin expects CLAP's
+projection width) and `test_can_init_all_missing_weights_before_2023` (runs a check the mixin would skip for want
+of a copyright year). The mixins' own conditional skips remain (no accelerator / FlashAttention kernels / deepspeed,
+the HTSAT tower without SDPA, the composite config without a top-level `use_cache`); the generation contracts behind
+them are tested in ``tests/test_generation_contracts.py``.
 """
 
 import unittest
@@ -132,6 +136,21 @@ class AudioFlamingo2ModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.
 
     def tearDown(self):
         self._gates.__exit__(None, None, None)
+
+    def test_tester_inputs_exercise_the_audio(self):
+        """The gates are open and the second window is padding: other audio in the real window moves the logits,
+        other audio in the padding window does not."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        model = AudioFlamingo2ForConditionalGeneration(config).eval()
+        real, padding = inputs["input_features"].clone(), inputs["input_features"].clone()
+        real[:, 0] += 1.0
+        padding[:, 1] += 1.0
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            moved = model(**{**inputs, "input_features": real}).logits
+            unmoved = model(**{**inputs, "input_features": padding}).logits
+        self.assertGreater((logits - moved).abs().max().item(), 1e-4)
+        torch.testing.assert_close(logits, unmoved, rtol=1e-5, atol=1e-6)
 
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         """The mixin adds causal-LM labels for the classes transformers' own Auto mappings list by name; AF2 lives
