@@ -213,18 +213,22 @@ def test_converted_model_and_tokenizer_agree_on_special_tokens(converted):
     assert text_config.pad_token_id == processor.tokenizer.pad_token_id is not None
     assert processor.tokenizer.eos_token_id in (text_config.eos_token_id if isinstance(text_config.eos_token_id, list)
                                                 else [text_config.eos_token_id])
+    def special_ids():
+        # (transformers 5.17 turns an int eos of the generation config into a one-element list: the same stop)
+        ids = [text_config.pad_token_id, text_config.eos_token_id, model.generation_config.pad_token_id,
+               model.generation_config.eos_token_id, model.generation_config.bos_token_id]
+        return [value if isinstance(value, list) else [value] for value in ids]
+
     warnings = []
     original_warning = trainer_utils.logger.warning
     trainer_utils.logger.warning = lambda message, *args, **kwargs: warnings.append(str(message))
     try:
-        before = (text_config.pad_token_id, text_config.eos_token_id, model.generation_config.pad_token_id,
-                  model.generation_config.eos_token_id)
+        before = special_ids()
         trainer_utils.align_special_tokens(model, processor)
     finally:
         trainer_utils.logger.warning = original_warning
     assert not [w for w in warnings if "PAD/BOS/EOS" in w], warnings
-    assert before == (text_config.pad_token_id, text_config.eos_token_id, model.generation_config.pad_token_id,
-                      model.generation_config.eos_token_id)
+    assert special_ids() == before
 
 
 def test_output_folder_is_refused_or_replaced_whole(golden_root, tmp_path):

@@ -543,10 +543,13 @@ def generation_defaults(text_dir: Path, tokenizer, report: ConversionReport):
         generation_config = GenerationConfig()
         report.inputs.append("generation config: transformers' defaults (the base LM has none)")
     # The release's inference.py samples with top_k 30 / top_p 0.95 and max_new_tokens 256, stopping at the
-    # tokenizer's eos; its benchmarks decode greedily (pass do_sample=False).
+    # tokenizer's eos; its benchmarks decode greedily (pass do_sample=False). The special ids are the AF2
+    # tokenizer's (Qwen2.5 has no bos token: generation always starts from the prompt), so that Trainer's alignment
+    # of the model with the tokenizer finds nothing to change.
     generation_config.update(
         do_sample=True, top_k=30, top_p=0.95, temperature=1.0, max_new_tokens=256, num_return_sequences=1,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return generation_config
 
