@@ -287,3 +287,39 @@ def test_add_remote_code_moves_an_earlier_layout_to_the_folder_task(tmp_path):
     pipelines = json.loads((directory / "config.json").read_text())["custom_pipelines"]
     assert set(pipelines) == {"audioflamingo2-audio-question-answering", "other-task"}
     assert not [name for name in os.listdir(directory) if name.startswith(".")]  # no temporary file left
+
+
+def test_atomic_output_dir_edges(tmp_path):
+    """The helper every folder writer uses (export, converter, make-tiny): a file in the way, an empty folder, a
+    failing body for a new target, the permissions of the result, a target that appears meanwhile."""
+    from af2_hf.atomic import OutputDirectoryNotEmptyError, atomic_output_dir
+
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        with atomic_output_dir(blocked):
+            pass
+    empty = tmp_path / "nested" / "empty"
+    empty.mkdir(parents=True)
+    with atomic_output_dir(empty) as staging:  # an empty folder is replaced without overwrite=True
+        assert staging.parent == empty.parent and staging != empty and not any(staging.iterdir())
+        (staging / "a.json").write_text("{}")
+    assert os.listdir(empty) == ["a.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (empty.stat().st_mode & 0o777) == (0o777 & ~umask)
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(fresh) as staging:
+            (staging / "half.bin").write_bytes(b"1")
+            raise RuntimeError("interrupted")
+    assert not fresh.exists() and sorted(os.listdir(tmp_path)) == ["file", "nested"]
+
+    late = tmp_path / "late"
+    with pytest.raises(OutputDirectoryNotEmptyError):
+        with atomic_output_dir(late) as staging:
+            (staging / "new").write_text("1")
+            late.mkdir()
+            (late / "someone-else").write_text("1")
+    assert os.listdir(late) == ["someone-else"] and sorted(os.listdir(tmp_path)) == ["file", "late", "nested"]
