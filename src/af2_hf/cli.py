@@ -42,8 +42,10 @@ class CliError(Exception):
 
 def complete_package_import() -> None:
     """Runs ``af2_hf/__init__`` if the console script deferred it (:mod:`af2_hf_cli`): registers the Auto classes."""
+    from af2_hf_cli import DEFERRED_INIT_FLAG
+
     package = sys.modules.get("af2_hf")
-    if package is not None and package.__dict__.pop("_af2_hf_init_deferred", False):
+    if package is not None and package.__dict__.pop(DEFERRED_INIT_FLAG, False):
         package.__spec__.loader.exec_module(package)
 
 
