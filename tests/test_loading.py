@@ -97,13 +97,16 @@ def _set_entry(field, value):
 
 # name -> (how to damage the bytes of a safetensors file, what the error must say)
 CORRUPTIONS = {
-    "truncated_half": (lambda d: d[: len(d) // 2], r"is truncated: its header declares \d+ bytes .* \(\d+ bytes missing\)"),
+    "truncated_half": (lambda d: d[: len(d) // 2],
+                       r"is truncated: its header declares \d+ bytes .* \(\d+ bytes missing\)"),
     "truncated_header": (lambda d: d[:100], r"declare a \d+-byte header; the file holds 100 bytes"),
     "seven_bytes": (lambda d: d[:7], r"is truncated: 7 bytes"),
     "zero_bytes": (lambda d: b"", r"is empty \(0 bytes\)"),
     "garbage": (lambda d: bytes(range(256)) * 20, r"not a valid safetensors file"),
-    "lfs_pointer": (lambda d: b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n", "Git LFS pointer"),
+    "lfs_pointer": (lambda d: b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n",
+                    "Git LFS pointer"),
     "zip_file": (lambda d: b"PK\x03\x04" + bytes(200), r"zip/pickle \(torch.save\)"),
+    "pickle_file": (lambda d: b"\x80\x02" + bytes(200), r"zip/pickle \(torch.save\)"),
     "header_not_json": (lambda d: struct.pack("<Q", 10) + b"{not json}" + d[8:], "not valid JSON"),
     "header_is_a_list": (lambda d: _join([1, 2], b""), "a JSON list"),
     "unknown_dtype": (_set_entry("dtype", "F99"), r"unknown dtype 'F99'"),
@@ -156,7 +159,8 @@ SHARD_DAMAGE = {
     "shard_deleted": (lambda f: _first_shard(f).unlink(), r"names 1 shard file\(s\) that .* does not hold: model-"),
     "index_names_missing_file": (_rename_shard_in_index, "does not hold: model-99999-of-99999.safetensors"),
     "index_not_json": (lambda f: (f / "model.safetensors.index.json").write_text("{"), "is not valid JSON"),
-    "index_without_weight_map": (lambda f: (f / "model.safetensors.index.json").write_text("{}"), "no valid 'weight_map'"),
+    "index_without_weight_map": (lambda f: (f / "model.safetensors.index.json").write_text("{}"),
+                                 "no valid 'weight_map'"),
     "index_maps_to_wrong_shard": (_swap_shard_of_a_tensor, "maps tensors to shards that do not hold them"),
     "shard_truncated": (lambda f: _first_shard(f).write_bytes(_first_shard(f).read_bytes()[:1000]), "model-"),
     "stale_single_file_beside_shards": (
@@ -189,7 +193,7 @@ def test_folder_with_a_config_but_no_weights(saved, tmp_path, no_model_built):
     folder = copy_of(saved, tmp_path / "model")
     (folder / "model.safetensors").unlink()
     for cls in MODEL_CLASSES:
-        with pytest.raises(CheckpointFileError, match=r"has a config.json but no weights: no model.safetensors.*it holds"):
+        with pytest.raises(CheckpointFileError, match=r"has a config.json but no weights: no model.safetensors.*holds"):
             cls.from_pretrained(folder)
 
 
@@ -253,7 +257,7 @@ def test_existing_directory_that_is_no_model_is_not_reported_missing(tmp_path, k
     if kind == "other_files":
         (folder / "notes.txt").write_text("x")
         (folder / "data").mkdir()
-        expected = r"is a directory but not a Hugging Face model folder: it has no config.json \(it holds: data/, notes.txt\)"
+        expected = r"is a directory but not a Hugging Face model folder: .* \(it holds: data/, notes.txt\)"
     elif kind == "nested_empty_subfolder":
         (folder / "sub").mkdir()
         kwargs = {"subfolder": "sub"}
@@ -395,27 +399,39 @@ FIELD_ERRORS = {
     "audio_tower_batch_size_zero": ({"audio_tower_batch_size": 0}, "audio_tower_batch_size"),
 }
 CLASS_ERRORS = {
-    "audio_heads_do_not_divide_width": ({"audio_transformer_num_heads": 3}, r"not divisible by audio_transformer_num_heads=3"),
+    "audio_heads_do_not_divide_width": ({"audio_transformer_num_heads": 3},
+                                        r"not divisible by audio_transformer_num_heads=3"),
     "rotary_dim_odd": ({"audio_transformer_rotary_dim": 7}, r"audio_transformer_rotary_dim=7 must be even"),
-    "rotary_dim_above_head_dim": ({"audio_transformer_rotary_dim": 128}, r"audio_transformer_rotary_dim=128 .*head dimension 64"),
-    "tokens_per_window_inconsistent": ({"tokens_per_window": 32}, r"tokens_per_window=32, but the audio tower makes 64"),
-    "text_hidden_not_divisible": (_text(hidden_size=30), r"text_config.hidden_size=30 is not divisible by text_config.num_attention_heads=4"),
-    "text_kv_heads_do_not_divide": (_text(num_key_value_heads=3), r"text_config.num_attention_heads=4 is not divisible by text_config.num_key_value_heads=3"),
-    "text_kv_heads_zero": (_text(num_key_value_heads=0), r"text_config.num_key_value_heads must be a positive integer, got 0"),
+    "rotary_dim_above_head_dim": ({"audio_transformer_rotary_dim": 128},
+                                  r"audio_transformer_rotary_dim=128 .*head dimension 64"),
+    "tokens_per_window_inconsistent": ({"tokens_per_window": 32},
+                                       r"tokens_per_window=32, but the audio tower makes 64"),
+    "text_hidden_not_divisible": (_text(hidden_size=30),
+                                  r"text_config.hidden_size=30 is not divisible by text_config.num_attention_heads=4"),
+    "text_kv_heads_do_not_divide": (_text(num_key_value_heads=3),
+                                    r"num_attention_heads=4 is not divisible by text_config.num_key_value_heads=3"),
+    "text_kv_heads_zero": (_text(num_key_value_heads=0),
+                           r"text_config.num_key_value_heads must be a positive integer, got 0"),
     "text_vocab_zero": (_text(vocab_size=0), r"text_config.vocab_size must be a positive integer, got 0"),
     "text_hidden_negative": (_text(hidden_size=-32), r"text_config.hidden_size must be a positive integer, got -32"),
     "text_intermediate_zero": (_text(intermediate_size=0), r"text_config.intermediate_size must be a positive"),
     "text_heads_zero": (_text(num_attention_heads=0), r"text_config.num_attention_heads must be a positive"),
-    "text_max_positions_zero": (_text(max_position_embeddings=0), r"text_config.max_position_embeddings must be a positive"),
+    "text_max_positions_zero": (_text(max_position_embeddings=0),
+                                r"text_config.max_position_embeddings must be a positive"),
     "audio_depths_empty": (_audio(depths=[], num_attention_heads=[]), r"audio_config.depths is empty"),
     "audio_depth_zero": (_audio(depths=[1, 0, 1, 1]), r"audio_config.depths\[1\] must be a positive integer, got 0"),
-    "audio_heads_count": (_audio(num_attention_heads=[1, 2, 2]), r"audio_config.num_attention_heads has 3 entries for 4 stages"),
-    "audio_heads_do_not_divide_stage": (_audio(num_attention_heads=[1, 3, 2, 4]), r"stage 1 .* not divisible by audio_config.num_attention_heads\[1\]=3"),
-    "audio_width_zero": (_audio(patch_embeds_hidden_size=0), r"audio_config.patch_embeds_hidden_size must be a positive"),
+    "audio_heads_count": (_audio(num_attention_heads=[1, 2, 2]),
+                          r"audio_config.num_attention_heads has 3 entries for 4 stages"),
+    "audio_heads_do_not_divide_stage": (_audio(num_attention_heads=[1, 3, 2, 4]),
+                                        r"stage 1 .* not divisible by audio_config.num_attention_heads\[1\]=3"),
+    "audio_width_zero": (_audio(patch_embeds_hidden_size=0),
+                         r"audio_config.patch_embeds_hidden_size must be a positive"),
     "audio_spec_size_zero": (_audio(spec_size=0), r"audio_config.spec_size must be a positive"),
     "audio_patch_stride_zero": (_audio(patch_stride=[4, 0]), r"audio_config.patch_stride\[1\] must be a positive"),
-    "absurd_vocab": (_text(vocab_size=10**12), r"about 3.2e\+13 parameters .*text_config.vocab_size x text_config.hidden_size .*AF2_HF_MAX_PARAMETERS"),
-    "absurd_intermediate": (_text(intermediate_size=10**12), r"text_config.num_hidden_layers x .*AF2_HF_MAX_PARAMETERS"),
+    "absurd_vocab": (_text(vocab_size=10**12),
+                     r"about 3.2e\+13 parameters .*text_config.vocab_size x text_config.hidden_size"),
+    "absurd_intermediate": (_text(intermediate_size=10**12),
+                            r"text_config.num_hidden_layers x .*AF2_HF_MAX_PARAMETERS"),
     "absurd_audio_width": ({"audio_config": dict(patch_embeds_hidden_size=2**20, num_attention_heads=[1, 1, 1, 1]),
                             "audio_transformer_num_heads": 1, "audio_transformer_rotary_dim": 32},
                            r"(audio transformer|audio tower)"),

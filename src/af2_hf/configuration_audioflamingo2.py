@@ -371,4 +371,10 @@ def _typed_validation_errors(init):
 
 AudioFlamingo2Config.__init__ = _typed_validation_errors(AudioFlamingo2Config.__init__)
 
-__all__ = ["AudioFlamingo2Config", "ConfigValidationError", "DEFAULT_MAX_PARAMETERS", "MAX_PARAMETERS_ENV", "parameter_count_estimate"]
+__all__ = [
+    "AudioFlamingo2Config",
+    "ConfigValidationError",
+    "DEFAULT_MAX_PARAMETERS",
+    "MAX_PARAMETERS_ENV",
+    "parameter_count_estimate",
+]

@@ -55,6 +55,8 @@ _DTYPE_BYTES = {
 #: Sub-byte dtypes safetensors also knows (their sizes are left to safetensors).
 _PACKED_DTYPES = {"F4", "F6_E2M3", "F6_E3M2"}
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+#: First bytes of torch.save files: a zip archive, or a bare pickle (protocols 2 to 5).
+_TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 class CheckpointMismatchError(ValueError):
@@ -75,7 +77,8 @@ class ModelTypeError(ValueError):
         hint = ""
         if model_type == "qwen2":
             hint = (" A Qwen2.5 language model is the base of an AF2 release: convert the release with it, e.g. "
-                    f"`af2-hf convert --af2-dir nvidia/audio-flamingo-2 --text-model {reference} --output-dir ./af2-hf`.")
+                    f"`af2-hf convert --af2-dir nvidia/audio-flamingo-2 --text-model {reference} "
+                    "--output-dir ./af2-hf`.")
         super().__init__(
             f"{reference!r} holds a {model_type!r} model (config.json model_type), not an Audio Flamingo 2 "
             f"({expected!r}) one: nothing was loaded.{hint} Load it with its own class or AutoModel."
@@ -134,7 +137,8 @@ def original_release_hint(path: str | os.PathLike) -> str | None:
         found = [name + "/" for name in ("safe_ckpt", "clap_ckpt") if (folder / name).is_dir()]
         if not found:
             return None
-        yamls = sorted(p.relative_to(folder).as_posix() for p in [*folder.glob("*.y*ml"), *folder.glob("configs/*.y*ml")])
+        yamls = [*folder.glob("*.y*ml"), *folder.glob("configs/*.y*ml")]
+        yamls = sorted(p.relative_to(folder).as_posix() for p in yamls)
         found += yamls[:2]
     elif reference in ORIGINAL_RELEASE_IDS or (reference.count("/") == 1 and _cached_release_file(reference)):
         found = ["an original release on the Hub"]
@@ -211,7 +215,7 @@ def _read_header(file: Path) -> tuple[dict, int]:
             raise CheckpointFileError(f"{file} is truncated: {size} bytes, shorter than a safetensors header.")
         (header_length,) = struct.unpack("<Q", head[:8])
         if header_length > min(size - 8, _MAX_HEADER_BYTES):
-            if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            if head.startswith(_TORCH_SAVE_STARTS):
                 raise CheckpointFileError(f"{file} is a zip/pickle (torch.save) file, not safetensors.")
             raise CheckpointFileError(
                 f"{file} is not a valid safetensors file (its first 8 bytes declare a {header_length}-byte header; "
@@ -324,7 +328,8 @@ def check_checkpoint_files(
     not JSON or names a missing shard or a tensor its shard lacks.
     """
     base = Path(folder) / subfolder if subfolder else Path(folder)
-    single, index = base / _add_variant(SAFE_WEIGHTS_NAME, variant), base / _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+    single = base / _add_variant(SAFE_WEIGHTS_NAME, variant)
+    index = base / _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
     if use_safetensors is not False:
         if single.is_file() and index.is_file():
             raise CheckpointFileError(
