@@ -299,3 +299,19 @@ def test_invalid_call_arguments(golden_feature_extractor):
         fe(np.zeros(10), sampling_rate=fe.sampling_rate, max_num_windows=0)
     with pytest.raises(ValueError, match="padding"):
         fe(np.zeros(10), sampling_rate=fe.sampling_rate, padding="sideways")
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        (0.5, TypeError, r"single number \(0.5\), not audio"),
+        (np.float32(0.5), TypeError, "single number"),
+        (np.array(0.5), ValueError, "0-d array"),
+        (torch.tensor(0.5), ValueError, "0-d array"),
+        ([np.zeros(100), np.array(0.5)], ValueError, "Audio 1 is a 0-d array"),
+        ([np.zeros(100), 0.5, np.zeros(3)], TypeError, "Audio 1 is a single number"),
+    ],
+)
+def test_a_scalar_is_not_audio(golden_feature_extractor, value, error, message):
+    with pytest.raises(error, match=message):
+        golden_feature_extractor(value, sampling_rate=golden_feature_extractor.sampling_rate)

@@ -82,6 +82,8 @@ def _first_channel(waveform: torch.Tensor, index: int) -> torch.Tensor:
 def waveform_tensor(waveform, index: int, device: torch.device | None = None) -> torch.Tensor:
     """One waveform as a validated 1-D float32/float64 tensor on ``device`` (default: where it already is), see
     the class docstring for the accepted inputs. The waveform moves first, so the checks run on ``device``."""
+    if _is_scalar_number(waveform) or isinstance(waveform, (bool, np.bool_)):
+        raise TypeError(f"Audio {index} is a single number ({waveform!r}), not audio: pass a 1-D waveform.")
     if isinstance(waveform, torch.Tensor):
         waveform = waveform.detach()
     elif isinstance(waveform, (list, tuple)):
@@ -104,6 +106,8 @@ def waveform_tensor(waveform, index: int, device: torch.device | None = None) ->
         )
     if device is not None:
         waveform = waveform.to(device)
+    if waveform.ndim == 0:
+        raise ValueError(f"Audio {index} is a 0-d array (a single number), not audio: pass a 1-D waveform.")
     if waveform.ndim == 2:
         waveform = _first_channel(waveform, index)
     elif waveform.ndim != 1:
@@ -144,6 +148,8 @@ def waveform_list(raw_audio, device: torch.device | None = None) -> list[torch.T
             items = [raw_audio] if raw_audio.shape[0] > raw_audio.shape[1] else list(raw_audio)
         elif raw_audio.ndim == 1:
             items = [raw_audio]
+        elif raw_audio.ndim == 0:
+            raise ValueError("Got a 0-d array (a single number): that is not audio. Pass a 1-D waveform.")
         else:
             raise ValueError(
                 f"Expected a 1-D waveform or a 2-D batch (batch, samples), got shape {tuple(raw_audio.shape)}."
