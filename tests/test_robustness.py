@@ -11,6 +11,8 @@ Cases already covered elsewhere are only referenced here:
 - test_processor.py: prompt truncation warning, two <audio> in a text and text/audio count mismatch
   (test_count_mismatch), audio-only call, unreadable file.
 - test_conversion.py: unknown safe_ckpt / clap_ckpt keys and inconsistent shapes are refused with nothing written.
+- test_loading.py: corrupt, truncated and missing weight files and shards, folders that are no model or an original
+  release, other model types, invalid config sizes, output_loading_info, max_position_embeddings.
 """
 
 import io
