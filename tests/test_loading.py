@@ -238,6 +238,7 @@ def test_original_release_hub_ids_get_the_convert_command(no_model_built):
         assert f"af2-hf convert --af2-dir {repo_id} --output-dir ./{repo_id.split('/')[1]}-hf" in hint
         with pytest.raises(ModelFolderError, match="ORIGINAL"):  # before any download is tried
             AudioFlamingo2ForConditionalGeneration.from_pretrained(repo_id)
+    assert original_release_hint("NVIDIA/Audio-Flamingo-2-0.5B") is not None  # Hub ids ignore case
     assert original_release_hint("someone/some-model") is None
 
 

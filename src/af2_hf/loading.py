@@ -140,7 +140,9 @@ def original_release_hint(path: str | os.PathLike) -> str | None:
         yamls = [*folder.glob("*.y*ml"), *folder.glob("configs/*.y*ml")]
         yamls = sorted(p.relative_to(folder).as_posix() for p in yamls)
         found += yamls[:2]
-    elif reference in ORIGINAL_RELEASE_IDS or (reference.count("/") == 1 and _cached_release_file(reference)):
+    elif reference.lower() in {repo_id.lower() for repo_id in ORIGINAL_RELEASE_IDS} or (
+        reference.count("/") == 1 and _cached_release_file(reference)
+    ):
         found = ["an original release on the Hub"]
     else:
         return None
