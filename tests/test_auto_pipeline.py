@@ -105,6 +105,25 @@ def test_pipeline_from_a_saved_and_from_an_exported_folder(tmp_path, golden_json
         pipeline("audioflamingo2-audio-question-answering", model=exported)
 
 
+def test_pipeline_save_pretrained_keeps_the_registered_task(af2_pipe, tmp_path, golden_json, golden_audio_files):
+    """pipe.save_pretrained writes the model, the processor and the pipeline code under the folder's own task: the
+    folder loads through "audio-question-answering" without trust_remote_code and gives the same answers."""
+    import json
+
+    af2_pipe.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert set(config["custom_pipelines"]) == {"audioflamingo2-audio-question-answering"}
+    assert config["custom_pipelines"]["audioflamingo2-audio-question-answering"]["impl"] == (
+        "pipeline_audio_question_answering.AudioQuestionAnsweringPipeline")
+    assert (tmp_path / "saved" / "pipeline_audio_question_answering.py").is_file()
+    assert not hasattr(af2_pipe.model.config, "custom_pipelines") or "audio-question-answering" not in (
+        af2_pipe.model.config.custom_pipelines)
+    reloaded = pipeline(TASK, model=str(tmp_path / "saved"))
+    assert type(reloaded) is AudioQuestionAnsweringPipeline
+    path, question = str(golden_audio_files["a"]), golden_json["prompts"]["a"]
+    assert reloaded(path, question=question, **GREEDY) == af2_pipe(path, question=question, **GREEDY)
+
+
 def test_pipeline_without_a_model_says_so():
     with pytest.raises(ValueError, match="has no default model: pass one"):
         pipeline(TASK)

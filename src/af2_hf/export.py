@@ -50,15 +50,11 @@ from .auto import AUDIO_QUESTION_ANSWERING_TASK
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 from .feature_extraction_audioflamingo2 import AudioFlamingo2FeatureExtractor
 from .modeling_audioflamingo2 import AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model
-from .pipeline_audio_question_answering import AudioQuestionAnsweringPipeline
+from .pipeline_audio_question_answering import REMOTE_CODE_TASK, AudioQuestionAnsweringPipeline
 from .processing_audioflamingo2 import AudioFlamingo2Processor
 
 __all__ = ["REMOTE_CODE_TASK", "add_remote_code", "remote_code_files", "save_with_remote_code"]
 
-# The task under which an exported folder lists its own pipeline code (``custom_pipelines``). It must differ from
-# AUDIO_QUESTION_ANSWERING_TASK: transformers would otherwise take the folder's code (trust_remote_code required)
-# over the registered af2_hf pipeline.
-REMOTE_CODE_TASK = "audioflamingo2-audio-question-answering"
 
 CONFIG_NAME = "config.json"
 PROCESSOR_NAME = "processor_config.json"

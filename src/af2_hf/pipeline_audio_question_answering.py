@@ -30,7 +30,12 @@ from .soundcot import SOUNDCOT_MAX_LENGTH, SOUNDCOT_MAX_NEW_TOKENS, reask, sound
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["AudioQuestionAnsweringPipeline", "split_input"]
+__all__ = ["REMOTE_CODE_TASK", "AudioQuestionAnsweringPipeline", "split_input"]
+
+# The task under which a saved or exported folder lists this pipeline's code (``custom_pipelines``). It differs from
+# the registered "audio-question-answering": transformers resolves a folder's custom pipelines before its registry and
+# always asks trust_remote_code for them, so a folder listing the registered name would shadow af2_hf's pipeline.
+REMOTE_CODE_TASK = "audioflamingo2-audio-question-answering"
 
 # Keys of a pipeline input dict: the pipeline's own and those of an audio value (a ``datasets`` audio dict, or
 # {"raw", "sampling_rate"} as the ASR pipeline takes).
@@ -137,6 +142,20 @@ class AudioQuestionAnsweringPipeline(Pipeline):
             raise ValueError(f"{type(self.model).__name__} cannot generate text.")
         if "audio" not in getattr(self.model, "input_modalities", ("audio",)):
             raise ValueError(f"{type(self.model).__name__} does not take audio input.")
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """transformers' ``Pipeline.save_pretrained`` (the model, this module as remote code, ``custom_pipelines``)
+        with the pipeline listed under :data:`REMOTE_CODE_TASK`, plus the processor (which the base method does not
+        save), so the folder answers both ``pipeline("audio-question-answering", model=folder)`` with af2_hf and
+        ``pipeline(REMOTE_CODE_TASK, model=folder, trust_remote_code=True)`` without it."""
+        registered = getattr(type(self), "_registered_impl", {}).get("audio-question-answering", {})
+        self._registered_impl = {REMOTE_CODE_TASK: {"impl": type(self), "pt": registered.get("pt", ()),
+                                                    "type": "multimodal"}}
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            del self._registered_impl
+        self.processor.save_pretrained(save_directory)
 
     # ------------------------------------------------------------------ parameters
 
