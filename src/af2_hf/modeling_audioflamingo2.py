@@ -340,6 +340,12 @@ class AudioFlamingo2GatedCrossAttentionBlock(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# The audio path (HTSAT tower, audio transformer) as a pattern of parameter / module names (with or without the
+# `model.` prefix of the generation class): its floating-point tensors only, not HTSAT's integer buffers
+# (relative_position_index, BatchNorm's num_batches_tracked), which the dtype plan of `from_pretrained` would cast.
+AUDIO_PATH_PATTERN = r"(?:model\.)?audio_(?:tower|transformer)\.(?!.*(?:relative_position_index|num_batches_tracked)$)"
+
+
 class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     config: AudioFlamingo2Config
     config_class = AudioFlamingo2Config
@@ -353,6 +359,12 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
         "ClapAudioStage",
     ]
     _skip_keys_device_placement = ["cache", "past_key_values"]
+    # Mixed precision: `from_pretrained(..., dtype=torch.bfloat16 or torch.float16)` loads the language model and
+    # the gated cross-attention blocks in that dtype and keeps the audio path (HTSAT tower, audio transformer) in
+    # float32 (`_strict`: for bfloat16 too). Quantizers (bitsandbytes, torchao, quanto) read `_keep_in_fp32_modules`
+    # into their `modules_to_not_convert`, so they leave the audio path in full precision as well.
+    _keep_in_fp32_modules = [AUDIO_PATH_PATTERN]
+    _keep_in_fp32_modules_strict = [AUDIO_PATH_PATTERN]
     # FlashAttention for the language model's self-attention; the audio transformer and the gated cross-attention
     # blocks attend with audio key-padding masks and run SDPA then (see `_attention_interface`), the HTSAT tower is
     # eager-only (see `set_attn_implementation`).
