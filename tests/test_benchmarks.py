@@ -42,6 +42,22 @@ def test_benchmark_suite_tiny_cpu(tmp_path):
     assert "| ratio decode(20s)/decode(10s)" in stdout
 
 
+def test_precision_benchmark_tiny_cpu(tmp_path):
+    """bench_precision.py: float32 / mixed / plain Qwen2 decode rows and the golden A quality rows (without torchao
+    installed, as here, no int8 rows)."""
+    out = tmp_path / "precision.json"
+    stdout = run_script("bench_precision.py", "--config", "tiny", "--steps", "1", "--golden", str(golden_dir()),
+                        "--json", str(out), cwd=tmp_path)
+    rows = {row["measure"]: row for row in json.loads(out.read_text())["rows"]}
+    for name in ("float32", "mixed bf16", "plain Qwen2 float32"):
+        assert rows[f"decode b1 10s {name}"]["ms"] > 0 and rows[f"decode b1 10s {name}"]["ops"] > 0, name
+    assert rows["decode b1 10s float32"]["vs_float32"] == 1.0
+    # the mixed model keeps the golden ids (the project's claim, also tested in test_mixed_precision.py)
+    for name in ("float32", "mixed bf16", "mixed fp16"):
+        assert rows[f"golden A {name}"]["greedy_ids_equal"] and rows[f"golden A {name}"]["audio_path_float32"], name
+    assert "| precision | ms/step | x float32 | x plain Qwen2 |" in stdout
+
+
 def test_device_parity_script_passes_on_cpu(tmp_path):
     out = tmp_path / "parity.json"
     stdout = run_script("device_parity.py", "--device", "cpu", "--golden", str(golden_dir()), "--json", str(out),
