@@ -49,6 +49,20 @@ def _truncation_enabled(truncation) -> bool:
 
 
 
+def padded_batch(mel: torch.Tensor, counts: list[int], total: int, silence: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch step: the windows of every sample (``mel`` holds them sample after sample, ``counts[i]`` each) in
+    rows of ``total`` windows, padded with the log-mel of silence (``silence`` dB), as the original collator pads
+    with zero clips; and the ``(batch, total)`` int64 mask, 1 for real windows."""
+    features = torch.full((len(counts), total, *mel.shape[1:]), silence, dtype=torch.float32, device=mel.device)
+    mask = torch.zeros((len(counts), total), dtype=torch.long, device=mel.device)
+    offset = 0
+    for row, count in enumerate(counts):
+        features[row, :count] = mel[offset : offset + count]
+        mask[row, :count] = 1
+        offset += count
+    return features, mask
+
+
 class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     r"""
     Turns 16 kHz mono waveforms into the windowed log-mel features of Audio Flamingo 2.
@@ -433,19 +447,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         counts = [len(clips) for clips in per_audio]
 
         mel = self.log_mel(torch.cat(per_audio))
-
-        features = torch.full(
-            (len(per_audio), total, self.num_frames, self.num_mel_bins),
-            self.silence_db(),
-            dtype=torch.float32,
-            device=device,
-        )
-        mask = torch.zeros((len(per_audio), total), dtype=torch.long, device=device)
-        offset = 0
-        for row, count in enumerate(counts):
-            features[row, :count] = mel[offset : offset + count]
-            mask[row, :count] = 1
-            offset += count
+        features, mask = padded_batch(mel, counts, total, self.silence_db())
 
         data = {"input_features": features}
         if return_attention_mask:
