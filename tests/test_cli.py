@@ -116,7 +116,7 @@ def test_ask_with_the_model_from_the_environment(tiny_dir, capsys, monkeypatch):
         (None, "No model given"),
         ("./no-such-model-dir", "does not exist"),
         ("README.md", "is a file"),
-        ("GOLDEN_ORIGINAL", "ORIGINAL release"),
+        ("GOLDEN_ORIGINAL", "is an ORIGINAL Audio Flamingo 2 release"),
     ],
 )
 def test_ask_without_a_usable_model_explains_how_to_get_one(model_arg, message, golden_dir, capsys, monkeypatch):
@@ -147,7 +147,7 @@ def test_console_script_offline_without_a_model_then_with_one(tiny_dir, tmp_path
     assert script, "the af2-hf console script is not installed: run pip install -e \".[test]\""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop(MODEL_ENV, None)
-    completed = subprocess.run([script, "ask", str(EXAMPLE), "What is it?", "--model", "nvidia/audio-flamingo-2"],
+    completed = subprocess.run([script, "ask", str(EXAMPLE), "What is it?", "--model", "someone/not-cached-af2"],
                                env=env, cwd=tmp_path, capture_output=True, text=True)
     assert completed.returncode == 2, completed.stderr
     assert "Traceback" not in completed.stderr
@@ -307,18 +307,22 @@ def test_ask_hub_id_without_network_fails_at_once(capsys, monkeypatch, tmp_path)
 
 
 def test_ask_hub_id_of_an_original_release_prints_the_convert_command(capsys, monkeypatch):
-    """A Hub id whose repository has no config.json (the original release layout): the convert command to run."""
+    """A release's Hub id: the convert command at once (no download tried); another Hub repository without
+    config.json (the original layout, found when loading): the convert command too."""
     import transformers
 
     def no_config(reference, **kwargs):
         raise OSError(f"{reference} does not appear to have a file named config.json. Checkout "
                       f"'https://huggingface.co/{reference}/tree/main' for available files.")
 
-    monkeypatch.setattr("af2_hf.hub_access.hub_files_mode", lambda repo_id, what: False)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_config)
     err = _error(["ask", str(EXAMPLE), "q", "--model", "nvidia/audio-flamingo-2"], capsys)
-    assert "ORIGINAL release" in err
+    assert "is an ORIGINAL Audio Flamingo 2 release" in err
     assert "af2-hf convert --af2-dir nvidia/audio-flamingo-2 --output-dir ./audio-flamingo-2-hf" in err
+    monkeypatch.setattr("af2_hf.hub_access.hub_files_mode", lambda repo_id, what: False)
+    err = _error(["ask", str(EXAMPLE), "q", "--model", "someone/af2-release-copy"], capsys)
+    assert "ORIGINAL release on the Hub" in err
+    assert "af2-hf convert --af2-dir someone/af2-release-copy --output-dir ./af2-release-copy-hf" in err
 
 
 def test_make_tiny_refuses_a_non_empty_folder(tiny_dir, tmp_path, capsys):

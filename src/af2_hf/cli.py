@@ -138,16 +138,6 @@ def check_device(device: str | None) -> str:
     return device
 
 
-def _original_release_hint(path: Path, reference: str) -> str:
-    """The ``af2-hf convert`` command for a folder in the ORIGINAL release layout, else ''."""
-    if not ((path / "safe_ckpt").is_dir() or (path / "clap_ckpt").is_dir() or any(path.glob("configs/*.yaml"))):
-        return ""
-    return (f"{reference!r} is an ORIGINAL release of Audio Flamingo 2 (safe_ckpt/, clap_ckpt/, a yaml), not a "
-            "converted model. Convert it first:\n"
-            f"  af2-hf convert --af2-dir {reference} --output-dir {reference.rstrip('/')}-hf\n"
-            f"then pass --model {reference.rstrip('/')}-hf.\n\n{_NO_MODEL_HELP}")
-
-
 def check_model_folder(path: Path, reference: str) -> None:
     """CliError unless ``path`` looks like a converted model folder: not empty, not an original release, a readable
     config.json of a model type the pipeline runs, and weights."""
@@ -155,9 +145,7 @@ def check_model_folder(path: Path, reference: str) -> None:
 
     if not any(path.iterdir()):
         raise CliError(f"Model folder {reference!r} is empty: it holds no model.\n\n{_NO_MODEL_HELP}")
-    hint = _original_release_hint(path, reference)
-    if hint:
-        raise CliError(hint)
+    _refuse_original_release(reference)
     config_file = path / "config.json"
     if not config_file.is_file():
         content = ", ".join(sorted(p.name for p in path.iterdir())[:8])
@@ -176,6 +164,16 @@ def check_model_folder(path: Path, reference: str) -> None:
                        "an index of shards): an incomplete copy or conversion?")
 
 
+def _refuse_original_release(reference: str) -> None:
+    """CliError with the ``af2-hf convert`` command when ``reference`` is an ORIGINAL release (a folder, a known or
+    cached Hub id: see :func:`af2_hf.loading.original_release_hint`)."""
+    from .loading import original_release_hint
+
+    hint = original_release_hint(reference)
+    if hint:
+        raise CliError(f"{hint}\n\n{_NO_MODEL_HELP}")
+
+
 def resolve_model_reference(model_reference: str) -> tuple[str, bool]:
     """``(reference, local_files_only)`` for ``--model``: a checked local folder, or a Hub id that can be fetched
     now (or is cached); CliError otherwise, without waiting on the network."""
@@ -189,6 +187,7 @@ def resolve_model_reference(model_reference: str) -> tuple[str, bool]:
         return str(path), False
     if model_reference.startswith((".", "/", "~")) or model_reference.count("/") > 1:
         raise CliError(f"Model folder {model_reference!r} does not exist.\n\n{_NO_MODEL_HELP}")
+    _refuse_original_release(model_reference)
     try:
         return model_reference, hub_files_mode(model_reference, "--model")
     except OSError as error:
