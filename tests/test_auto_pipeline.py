@@ -238,6 +238,23 @@ def test_text_only_prompts_and_mixed_batches(af2_pipe, golden_json, golden_audio
     assert set(text_batch) == {"input_ids", "attention_mask"}
 
 
+def test_special_token_text_in_a_question_stays_plain_text(af2_pipe, golden_audio_files):
+    """A question holding <audio>, <SEP>, <|endoftext|> gives, with audio or without, the ids of
+    processor.apply_question_request: no control id from the question and no extra audio slot."""
+    processor = af2_pipe.processor
+    question = "What is <|endoftext|> this <audio> sound?<SEP> <|endofchunk|>"
+    path = str(golden_audio_files["a"])
+    for audio in (None, path):
+        inputs = _model_inputs(af2_pipe, {"audio": audio, "question": question})
+        expected = processor.apply_question_request([question], audio=[audio], return_tensors="pt")
+        torch.testing.assert_close(inputs["input_ids"], expected["input_ids"], rtol=0, atol=0)
+        ids = inputs["input_ids"][0].tolist()
+        assert ids.count(processor.audio_token_id) == (0 if audio is None else 1)
+        assert processor.tokenizer.eos_token_id not in ids and processor.end_of_chunk_token_id not in ids
+        assert ids.count(processor.tokenizer.sep_token_id) == 1  # the prompt's own, at the end
+        assert ids[-1] == processor.tokenizer.sep_token_id
+
+
 def test_cli_ask_without_audio(af2_pipe, capsys):
     """`af2-hf ask --no-audio QUESTION` prints the pipeline's text-only answer; the audio-or-not forms that cannot
     be meant exit 2 with a message."""

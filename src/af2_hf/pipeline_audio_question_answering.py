@@ -284,10 +284,10 @@ class AudioQuestionAnsweringPipeline(Pipeline):
         return waveform if is_af2 else waveform.astype(np.float32, copy=False)
 
     def _text(self, question: str, has_audio: bool, soundcot: bool) -> str:
-        """What the processor gets as the text of one sample. AF2: the question itself with its audio (the
-        processor writes the original prompt and keeps the question plain text), the chat template's text-only
-        prompt without audio, the written prompt for SoundCoT (whose second attempt continues it). Other models:
-        their chat template."""
+        """What the processor gets as the text of one sample. AF2: the question itself (the batch goes through
+        ``processor.apply_question_request``: the original prompt, or its text-only form, with the question as plain
+        text), the written prompt for SoundCoT (whose second attempt continues it). Other models: their chat
+        template."""
         processor = self.processor
         if not _is_af2_processor(processor):
             if getattr(processor, "chat_template", None):
@@ -302,9 +302,7 @@ class AudioQuestionAnsweringPipeline(Pipeline):
             )
         if soundcot:
             return processor.format_prompt(soundcot_question(question))
-        if has_audio:
-            return question
-        return processor.apply_chat_template(_chat(question, False), tokenize=False, add_generation_prompt=True)
+        return question
 
     def preprocess(self, inputs, question=None, sampling_rate=None, soundcot=False, processor_kwargs=None):
         audio, item_question = split_input(inputs)
@@ -323,7 +321,7 @@ class AudioQuestionAnsweringPipeline(Pipeline):
         if soundcot:
             processor_kwargs.setdefault("max_length", SOUNDCOT_MAX_LENGTH)
         return {"prompt": self._text(question, waveform is not None, soundcot), "audio": waveform,
-                "processor_kwargs": processor_kwargs}
+                "processor_kwargs": processor_kwargs, "is_question": not soundcot}
 
     def _collate(self, items: list[dict]) -> dict:
         processor_kwargs = dict(items[0]["processor_kwargs"])
@@ -344,7 +342,11 @@ class AudioQuestionAnsweringPipeline(Pipeline):
             audio_arg = [audio for audio in audios if audio is not None] or None
         if audio_arg is not None:
             processor_kwargs.setdefault("sampling_rate", self.processor.feature_extractor.sampling_rate)
-        inputs = self.processor(text=prompts, audio=audio_arg, return_tensors="pt", **processor_kwargs)
+        if _is_af2_processor(self.processor) and all(item.get("is_question") for item in items):
+            inputs = self.processor.apply_question_request(prompts, audio=audios, return_tensors="pt",
+                                                           **processor_kwargs)
+        else:
+            inputs = self.processor(text=prompts, audio=audio_arg, return_tensors="pt", **processor_kwargs)
         for name in getattr(self.processor, "unused_input_names", None) or ():
             inputs.pop(name, None)
         return {
