@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .convert_af2 import ConversionError, ConversionReport, build_clap_audio_config, convert_htsat_state_dict
+from .convert_af2_release import resolve_source
 
 __all__ = [
     "AFCLAP_KEY_RULES",
@@ -102,16 +103,9 @@ def resolve_checkpoint(source: str | os.PathLike, **hub_kwargs) -> Path:
 
 
 def resolve_text_source(text_model: str | os.PathLike, **hub_kwargs) -> Path:
-    """A local flan-T5 folder as is; otherwise a Hub id whose config and tokenizer files are downloaded."""
-    path = Path(text_model).expanduser()
-    if path.is_dir():
-        return path
-    text = str(text_model)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise ConversionError(f"Text model {text!r} is neither a folder nor a Hub repo id.")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(repo_id=text, allow_patterns=_TEXT_SOURCE_PATTERNS, **hub_kwargs))
+    """A local flan-T5 folder as is; otherwise a Hub id whose config and tokenizer files are downloaded (failing at
+    once without network, as the AF2 converter does)."""
+    return resolve_source(text_model, allow_patterns=_TEXT_SOURCE_PATTERNS, what="Text model", **hub_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
