@@ -8,8 +8,8 @@ the aten ops one decode step launches (counted with a TorchDispatchMode) and the
 
 Quality (the converted golden tiny checkpoint, `../shared/golden/tiny`): each precision is loaded the standard way,
 `from_pretrained(dir, dtype=torch.bfloat16)` (the model declares its audio path `_keep_in_fp32_modules_strict`) and
-`from_pretrained(dir, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))` (the quantizer skips the modules
-in `_keep_in_fp32_modules`), and compared with the golden greedy and beam ids and logits of case A.
+`from_pretrained(dir, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))` (`modules_to_not_convert`: the
+model's `_keep_in_fp32_modules_strict`), and compared with the golden greedy and beam ids and logits of case A.
 
     python benchmarks/bench_precision.py --config 0.5b --steps 8
     python benchmarks/bench_precision.py --config tiny --steps 2          # seconds; what the tests run
@@ -96,10 +96,10 @@ def mixed(model):
 
 def quantize_int8(model, config):
     """torchao weight-only int8 on the linear layers that transformers' quantizers convert: those not matched by the
-    model's `_keep_in_fp32_modules` (the audio path) and not the tied input/output embedding."""
+    model's `_keep_in_fp32_modules_strict` (the audio path) and not the tied input/output embedding."""
     from torchao.quantization import quantize_
 
-    skip = list(model._keep_in_fp32_modules)
+    skip = list(AudioFlamingo2ForConditionalGeneration._keep_in_fp32_modules_strict)
 
     def convert(module, name):
         return isinstance(module, nn.Linear) and name != "lm_head" and should_convert_module(name, skip)
@@ -191,7 +191,8 @@ def quality(golden_dir, int8_config, rows):
     if int8_config is not None:
         from transformers import TorchAoConfig
 
-        loads["int8 weight-only"] = dict(quantization_config=TorchAoConfig(int8_config))
+        skip = list(AudioFlamingo2ForConditionalGeneration._keep_in_fp32_modules_strict)
+        loads["int8 weight-only"] = dict(quantization_config=TorchAoConfig(int8_config, modules_to_not_convert=skip))
     inputs = dict(input_ids=golden["a.input_ids"], input_features=golden["a.mel"][None],
                   input_features_mask=golden["a.window_mask"][None])
     expected_ids, expected_logits = golden["a.greedy_ids"], golden["a.logits"]

@@ -1,7 +1,7 @@
 """Mixed precision and quantization declarations: `from_pretrained(dtype=bfloat16/float16)` keeps the audio path
-(HTSAT tower, audio transformer) in float32 through `_keep_in_fp32_modules(_strict)`, the golden A greedy and beam
-ids stay identical, and the quantizers' skip rule (`modules_to_not_convert` built from `_keep_in_fp32_modules`)
-leaves every audio-path module unquantized while the language model and the cross-attention blocks are quantized."""
+(HTSAT tower, audio transformer) in float32 through `_keep_in_fp32_modules_strict`, the golden A greedy and beam
+ids stay identical, and the quantizers' skip rule, given that list as `modules_to_not_convert`, leaves every
+audio-path module unquantized while the language model and the cross-attention blocks are quantized."""
 
 import json
 import warnings
@@ -70,7 +70,7 @@ def test_per_sub_config_dtype_dict_gives_the_same_mixed_model():
 
 def test_quantizers_skip_the_audio_path():
     model = AudioFlamingo2ForConditionalGeneration.from_pretrained(converted_tiny_dir())
-    skip = list(model._keep_in_fp32_modules)
+    skip = list(AudioFlamingo2ForConditionalGeneration._keep_in_fp32_modules_strict)
     linear = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     audio = [name for name in linear if name.startswith(AUDIO_PATH)]
     text = [name for name in linear if not name.startswith(AUDIO_PATH)]

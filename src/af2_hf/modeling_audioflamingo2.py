@@ -340,10 +340,17 @@ class AudioFlamingo2GatedCrossAttentionBlock(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# The audio path (HTSAT tower, audio transformer) as a pattern of parameter / module names (with or without the
-# `model.` prefix of the generation class): its floating-point tensors only, not HTSAT's integer buffers
-# (relative_position_index, BatchNorm's num_batches_tracked), which the dtype plan of `from_pretrained` would cast.
-AUDIO_PATH_PATTERN = r"(?:model\.)?audio_(?:tower|transformer)\.(?!.*(?:relative_position_index|num_batches_tracked)$)"
+# The audio path (HTSAT tower, audio transformer) as module-name patterns (with or without the `model.` prefix of the
+# generation class) covering its floating-point tensors only: not HTSAT's integer buffers (relative_position_index,
+# BatchNorm's num_batches_tracked), which the dtype plan of `from_pretrained` would otherwise cast to float32.
+_HTSAT = r"(?:model\.)?audio_tower\.audio_encoder\."
+AUDIO_PATH_FP32_PATTERNS = [
+    _HTSAT + r"(?:patch_embed|norm)",
+    _HTSAT + r"batch_norm\.(?:weight|bias|running_mean|running_var)",
+    _HTSAT + r"layers\.\d+\.(?:downsample|blocks\.\d+\.(?:layernorm_before|layernorm_after|intermediate|output"
+    r"|attention\.output|attention\.self\.(?:query|key|value|relative_position_bias_table)))",
+    r"(?:model\.)?audio_transformer",
+]
 
 
 class AudioFlamingo2PreTrainedModel(PreTrainedModel):
@@ -361,10 +368,9 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     # Mixed precision: `from_pretrained(..., dtype=torch.bfloat16 or torch.float16)` loads the language model and
     # the gated cross-attention blocks in that dtype and keeps the audio path (HTSAT tower, audio transformer) in
-    # float32 (`_strict`: for bfloat16 too). Quantizers (bitsandbytes, torchao, quanto) read `_keep_in_fp32_modules`
-    # into their `modules_to_not_convert`, so they leave the audio path in full precision as well.
-    _keep_in_fp32_modules = [AUDIO_PATH_PATTERN]
-    _keep_in_fp32_modules_strict = [AUDIO_PATH_PATTERN]
+    # float32; `__init__` builds the audio path in float32 too, as transformers requires of `_strict` modules.
+    # Quantizers take the same list as `modules_to_not_convert` (see README, "Speed and precision").
+    _keep_in_fp32_modules_strict = AUDIO_PATH_FP32_PATTERNS
     # FlashAttention for the language model's self-attention; the audio transformer and the gated cross-attention
     # blocks attend with audio key-padding masks and run SDPA then (see `_attention_interface`), the HTSAT tower is
     # eager-only (see `set_attn_implementation`).
@@ -421,8 +427,11 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
         # transformers' HTSAT implements eager attention only; the rest of the model follows the requested one.
-        self.audio_tower = ClapAudioModel._from_config(config.audio_config, attn_implementation="eager")
-        self.audio_transformer = AudioFlamingo2AudioTransformer(config)
+        # The audio path is float32 whatever the default dtype (`_keep_in_fp32_modules_strict`).
+        self.audio_tower = ClapAudioModel._from_config(
+            config.audio_config, attn_implementation="eager", dtype=torch.float32
+        )
+        self.audio_transformer = AudioFlamingo2AudioTransformer(config).float()
         self.language_model = AutoModel.from_config(config.text_config)
         self.cross_attention_layers = nn.ModuleList(
             [AudioFlamingo2GatedCrossAttentionBlock(config, j) for j in range(len(config.cross_attention_layers))]
