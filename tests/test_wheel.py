@@ -74,20 +74,26 @@ def test_wheel_metadata(wheel):
             assert any(r.startswith(package) and f'extra == "{extra}"' in r for r in requirements), (extra, package)
 
 
+def _environment(**extra) -> dict:
+    """This process's environment without PYTHONPATH (which would put a checkout before the venv's own copy)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return {**env, **extra}
+
+
 def test_wheel_quick_start_in_a_fresh_venv(wheel, tmp_path):
     python = _layered_venv(tmp_path / "venv")
     # --no-index: every dependency must already be satisfied (by the layered environment); nothing is downloaded.
     _run([str(python), "-m", "pip", "install", "--no-index", "--no-build-isolation", "-q", str(wheel)],
-         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+         env=_environment(PIP_DISABLE_PIP_VERSION_CHECK="1"))
     where = _run([str(python), "-c", "import af2_hf, af2_hf_cli; print(af2_hf.__file__); print(af2_hf_cli.__file__); "
-                                     "print(af2_hf.__version__)"], cwd=tmp_path).stdout.split()
+                                     "print(af2_hf.__version__)"], cwd=tmp_path, env=_environment()).stdout.split()
     venv = str(tmp_path / "venv")
     assert where[0].startswith(venv) and where[1].startswith(venv), where  # the wheel's copy, not the checkout's
     assert where[2] == af2_hf.__version__
 
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = _environment(PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1")
     env.pop("AF2_HF_MODEL", None)
     commands = _quick_start_commands()
     subcommands = [shlex.split(c)[:2] for c in commands]
