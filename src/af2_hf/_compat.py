@@ -6,13 +6,16 @@
   :func:`cache_argument`, still accept ``past_key_values``: with a deprecation warning exactly as transformers' own
   models give it where the release renamed it, silently where ``past_key_values`` is the release's own name.
 * Composite configs: releases before ``SubConfigSpec`` declare sub-configs as ``sub_configs`` and build them in
-  ``__post_init__``.
+  ``__post_init__`` (:func:`build_sub_config`); newer ones take ``sub_configs_defaults`` (:func:`sub_config_specs`).
 """
 
 import functools
 import inspect
 
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.auto import CONFIG_MAPPING
 from transformers.utils.deprecation import deprecate_kwarg
 
 
@@ -20,6 +23,25 @@ try:  # transformers >= 5.2x
     from transformers.configuration_utils import SubConfigSpec
 except ImportError:  # pragma: no cover - depends on the installed release
     SubConfigSpec = None
+
+
+def sub_config_specs(defaults: dict[str, dict]) -> dict:
+    """``sub_configs_defaults`` of a composite config (releases with ``SubConfigSpec``): for each sub-config key, an
+    ``AutoConfig`` spec built from ``defaults[key]`` (its ``model_type`` and its init kwargs)."""
+    specs = {}
+    for key, values in defaults.items():
+        init_kwargs = {k: v for k, v in values.items() if k != "model_type"}
+        specs[key] = SubConfigSpec(config_class=AutoConfig, model_type=values["model_type"], init_kwargs=init_kwargs)
+    return specs
+
+
+def build_sub_config(value, defaults: dict) -> PreTrainedConfig:
+    """Releases without ``SubConfigSpec``: a dict or ``None`` becomes the sub-config as the newer releases build it
+    from ``sub_configs_defaults`` (``None``: ``defaults``; a dict: its own values on the sub-config's defaults)."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    kwargs = dict(defaults) if value is None else {"model_type": defaults["model_type"], **value}
+    return CONFIG_MAPPING[kwargs.pop("model_type")](**kwargs)
 
 
 #: The name of the cache argument / output field in the installed transformers.

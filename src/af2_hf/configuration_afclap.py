@@ -3,9 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.models.auto import CONFIG_MAPPING
 
-from ._compat import SubConfigSpec
+from ._compat import SubConfigSpec, build_sub_config, sub_config_specs
 
 # The release's audio tower: HTSAT-large with aff_2d fusion (the original's HTSAT-afclap.json).
 _AUDIO_DEFAULTS = {
@@ -38,22 +37,6 @@ _TEXT_DEFAULTS = {
 }
 
 
-def _sub_config_specs() -> dict:
-    specs = {}
-    for key, defaults in (("audio_config", _AUDIO_DEFAULTS), ("text_config", _TEXT_DEFAULTS)):
-        init_kwargs = {k: v for k, v in defaults.items() if k != "model_type"}
-        specs[key] = SubConfigSpec(config_class=AutoConfig, model_type=defaults["model_type"], init_kwargs=init_kwargs)
-    return specs
-
-
-def _build_sub_config(value, defaults: dict) -> PreTrainedConfig:
-    """transformers releases without ``SubConfigSpec``: a dict or ``None`` becomes the sub-config."""
-    if isinstance(value, PreTrainedConfig):
-        return value
-    kwargs = dict(defaults) if value is None else {"model_type": defaults["model_type"], **value}
-    return CONFIG_MAPPING[kwargs.pop("model_type")](**kwargs)
-
-
 @strict
 class AFClapConfig(PreTrainedConfig):
     r"""
@@ -81,7 +64,7 @@ class AFClapConfig(PreTrainedConfig):
 
     model_type = "afclap"
     if SubConfigSpec is not None:
-        sub_configs_defaults = _sub_config_specs()
+        sub_configs_defaults = sub_config_specs({"audio_config": _AUDIO_DEFAULTS, "text_config": _TEXT_DEFAULTS})
     else:  # pragma: no cover - transformers releases before SubConfigSpec
         sub_configs = {"audio_config": AutoConfig, "text_config": AutoConfig}
 
@@ -97,8 +80,8 @@ class AFClapConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if SubConfigSpec is None:  # pragma: no cover - transformers releases before SubConfigSpec
-            self.audio_config = _build_sub_config(self.audio_config, _AUDIO_DEFAULTS)
-            self.text_config = _build_sub_config(self.text_config, _TEXT_DEFAULTS)
+            self.audio_config = build_sub_config(self.audio_config, _AUDIO_DEFAULTS)
+            self.text_config = build_sub_config(self.text_config, _TEXT_DEFAULTS)
         super().__post_init__(**kwargs)
         if self.text_context_length < 2:
             raise ValueError(f"text_context_length must be >= 2 (a token and EOS), got {self.text_context_length}.")

@@ -15,10 +15,9 @@ from huggingface_hub.dataclasses import as_validated_field, strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.models.auto import CONFIG_MAPPING
 from transformers.utils.type_validators import interval
 
-from ._compat import SubConfigSpec
+from ._compat import SubConfigSpec, build_sub_config, sub_config_specs
 from .loading import ModelTypeError, check_model_path
 
 #: Environment variable that raises (or lowers) the largest parameter count a config may describe.
@@ -50,14 +49,6 @@ _TEXT_DEFAULTS = {
     "bos_token_id": 151643,
     "eos_token_id": 151643,
 }
-
-
-def _sub_config_specs() -> dict:
-    specs = {}
-    for key, defaults in (("audio_config", _AUDIO_DEFAULTS), ("text_config", _TEXT_DEFAULTS)):
-        init_kwargs = {k: v for k, v in defaults.items() if k != "model_type"}
-        specs[key] = SubConfigSpec(config_class=AutoConfig, model_type=defaults["model_type"], init_kwargs=init_kwargs)
-    return specs
 
 
 class ConfigValidationError(ValueError):
@@ -223,16 +214,6 @@ def _check_layer_counts(config_dict: dict) -> None:
             )
 
 
-def _build_sub_config(value, defaults: dict) -> PreTrainedConfig:
-    """transformers releases without ``SubConfigSpec``: a dict or ``None`` becomes the sub-config as the newer
-    releases build it from ``sub_configs_defaults`` (``None``: the AF2-3B defaults; a dict: its own values on the
-    sub-config's defaults)."""
-    if isinstance(value, PreTrainedConfig):
-        return value
-    kwargs = dict(defaults) if value is None else {"model_type": defaults["model_type"], **value}
-    return CONFIG_MAPPING[kwargs.pop("model_type")](**kwargs)
-
-
 @strict
 class AudioFlamingo2Config(PreTrainedConfig):
     r"""
@@ -266,7 +247,7 @@ class AudioFlamingo2Config(PreTrainedConfig):
 
     model_type = "audioflamingo2"
     if SubConfigSpec is not None:
-        sub_configs_defaults = _sub_config_specs()
+        sub_configs_defaults = sub_config_specs({"audio_config": _AUDIO_DEFAULTS, "text_config": _TEXT_DEFAULTS})
     else:  # pragma: no cover - transformers releases before SubConfigSpec
         sub_configs = {"audio_config": AutoConfig, "text_config": AutoConfig}
 
@@ -294,8 +275,8 @@ class AudioFlamingo2Config(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if SubConfigSpec is None:  # pragma: no cover - transformers releases before SubConfigSpec
-            self.audio_config = _build_sub_config(self.audio_config, _AUDIO_DEFAULTS)
-            self.text_config = _build_sub_config(self.text_config, _TEXT_DEFAULTS)
+            self.audio_config = build_sub_config(self.audio_config, _AUDIO_DEFAULTS)
+            self.text_config = build_sub_config(self.text_config, _TEXT_DEFAULTS)
         super().__post_init__(**kwargs)
         # Tied embeddings follow the language model, as in Llava.
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
