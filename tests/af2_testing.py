@@ -5,23 +5,30 @@ missing golden folder is an error, never a skip."""
 
 import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def golden_dir() -> Path:
-    path = Path(os.environ.get("AF2_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden" / "tiny"))
+def shared_golden_dir(name: str, env_var: str) -> Path:
+    """``../shared/golden/<name>`` beside the checkout (or ``$env_var``); raises if its ``expected.safetensors`` /
+    ``expected.json`` are missing, so the tests fail instead of skipping."""
+    path = Path(os.environ.get(env_var, REPO_ROOT.parent / "shared" / "golden" / name))
     if not (path / "expected.safetensors").is_file() or not (path / "expected.json").is_file():
         raise FileNotFoundError(
-            f"Golden data not found at {path}: the tests need ../shared/golden/tiny beside the checkout "
-            "(or AF2_GOLDEN_DIR)."
+            f"Golden data not found at {path}: the tests need ../shared/golden/{name} beside the checkout "
+            f"(or {env_var})."
         )
     return path
+
+
+def golden_dir() -> Path:
+    return shared_golden_dir("tiny", "AF2_GOLDEN_DIR")
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,3 +101,13 @@ def random_model(seed: int = 0, open_gates: bool = True, **overrides):
 def random_features(batch: int, windows: int, seed: int = 0, mel_bins: int = 64) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, windows, 1001, mel_bins, generator=generator) * 15 - 45
+
+
+def edited_weights_copy(source: Path, target: Path, edit) -> Path:
+    """A copy of the saved model folder ``source`` at ``target`` whose ``model.safetensors`` state dict went
+    through ``edit(state)`` (which changes it in place)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("model.safetensors"))
+    state = load_file(str(source / "model.safetensors"))
+    edit(state)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target

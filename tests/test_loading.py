@@ -13,7 +13,7 @@ import struct
 
 import pytest
 import torch
-from af2_testing import random_features, random_model, tiny_config
+from af2_testing import edited_weights_copy, random_features, random_model, tiny_config
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, Qwen2Config, Qwen2ForCausalLM
@@ -318,14 +318,6 @@ def test_other_model_types_are_refused_before_allocation(qwen2_folder, tmp_path,
 # ==================================================================================================== strictness
 
 
-def _edited_weights(source: pathlib.Path, target: pathlib.Path, edit) -> pathlib.Path:
-    folder = copy_of(source, target)
-    state = load_file(str(folder / "model.safetensors"))
-    edit(state)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
-
-
 MISSING = "model.audio_transformer.layers.1.fc2.bias"
 RESHAPED = "model.cross_attention_layers.0.ff_in.weight"
 
@@ -336,7 +328,7 @@ def test_output_loading_info_reports_instead_of_raising(saved, tmp_path):
         state["model.audio_transformer.extra.weight"] = torch.zeros(2)
         state[RESHAPED] = state[RESHAPED][:, :-1].contiguous()
 
-    broken = _edited_weights(saved, tmp_path / "broken", damage)
+    broken = edited_weights_copy(saved, tmp_path / "broken", damage)
     with pytest.raises(CheckpointMismatchError, match="output_loading_info=True returns these lists"):
         AudioFlamingo2ForConditionalGeneration.from_pretrained(broken)
     model, info = AudioFlamingo2ForConditionalGeneration.from_pretrained(
@@ -361,7 +353,7 @@ def test_head_model_from_a_base_model_checkpoint(tmp_path):
     assert info["missing_keys"] == {"lm_head.weight"}
     # A full checkpoint that lacks its lm_head is still an error.
     untied.save_pretrained(tmp_path / "full")
-    no_head = _edited_weights(tmp_path / "full", tmp_path / "no_head", lambda s: s.pop("lm_head.weight"))
+    no_head = edited_weights_copy(tmp_path / "full", tmp_path / "no_head", lambda s: s.pop("lm_head.weight"))
     with pytest.raises(CheckpointMismatchError, match="1 missing tensor.*lm_head.weight"):
         AudioFlamingo2ForConditionalGeneration.from_pretrained(no_head)
 

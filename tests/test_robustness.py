@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from af2_testing import converted_tiny_dir, random_features, random_model
+from af2_testing import converted_tiny_dir, edited_weights_copy, random_features, random_model
 from safetensors.torch import load_file, save_file
 
 from af2_hf import AudioFlamingo2FeatureExtractor, AudioFlamingo2ForConditionalGeneration, AudioLoadError, load_audio
@@ -370,17 +370,6 @@ def saved_random(tmp_path_factory):
     return folder
 
 
-def edited_copy(source: pathlib.Path, target: pathlib.Path, edit) -> pathlib.Path:
-    target.mkdir()
-    for file in source.iterdir():
-        if file.is_file() and file.suffix != ".safetensors":
-            (target / file.name).write_bytes(file.read_bytes())
-    state = load_file(str(source / "model.safetensors"))
-    edit(state)
-    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-    return target
-
-
 MISSING = "model.audio_transformer.layers.1.fc2.bias"
 RESHAPED = "model.cross_attention_layers.0.ff_in.weight"
 
@@ -392,7 +381,7 @@ def test_from_pretrained_lists_missing_unexpected_and_mismatched(saved_random, t
         state["model.audio_transformer.extra.weight"] = torch.zeros(2)
         state[RESHAPED] = state[RESHAPED][:, :-1].contiguous()
 
-    broken = edited_copy(saved_random, tmp_path / "broken", damage)
+    broken = edited_weights_copy(saved_random, tmp_path / "broken", damage)
     for cls in (AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model):
         with pytest.raises(CheckpointMismatchError) as error:
             cls.from_pretrained(broken)
@@ -425,8 +414,9 @@ def test_from_pretrained_return_values_are_unchanged(saved_random, tmp_path):
     model, info = AudioFlamingo2ForConditionalGeneration.from_pretrained(saved_random, output_loading_info=True)
     assert isinstance(model, AudioFlamingo2ForConditionalGeneration)
     assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
-    reshaped = edited_copy(saved_random, tmp_path / "reshaped",
-                           lambda s: s.__setitem__(RESHAPED, s[RESHAPED][:, :-1].contiguous()))
+    reshaped = edited_weights_copy(
+        saved_random, tmp_path / "reshaped", lambda s: s.__setitem__(RESHAPED, s[RESHAPED][:, :-1].contiguous())
+    )
     model, info = AudioFlamingo2ForConditionalGeneration.from_pretrained(
         reshaped, ignore_mismatched_sizes=True, output_loading_info=True
     )
@@ -438,7 +428,7 @@ def test_base_model_from_a_full_untied_checkpoint(tmp_path):
     random_model(text_config=dict(tie_word_embeddings=False)).save_pretrained(tmp_path / "full")
     base = AudioFlamingo2Model.from_pretrained(tmp_path / "full")
     assert isinstance(base, AudioFlamingo2Model)
-    no_head = edited_copy(tmp_path / "full", tmp_path / "no_head", lambda s: s.pop("lm_head.weight"))
+    no_head = edited_weights_copy(tmp_path / "full", tmp_path / "no_head", lambda s: s.pop("lm_head.weight"))
     with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
         AudioFlamingo2ForConditionalGeneration.from_pretrained(no_head)
 
