@@ -297,7 +297,11 @@ def test_bfloat16_output(golden_root, golden, tmp_path):
     assert "BF16" in dtypes and "F32" not in dtypes, dtypes  # integer buffers (I64) keep their dtype
     model, info = AudioFlamingo2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert model.dtype == torch.bfloat16
+    # The language model and cross-attention load as saved; the audio path is kept in float32
+    # (_keep_in_fp32_modules_strict: the mixed-precision layout, see README "Speed and precision").
+    assert model.model.language_model.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.cross_attention_layers[0].to_q.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.model.audio_tower.parameters()} == {torch.float32}
     with torch.no_grad():
         clap_out = model.float().model.audio_tower(input_features=golden["a.mel"][:, None]).last_hidden_state
     assert relative_error(clap_out.flatten(2).transpose(1, 2), golden["a.clap_out"]) <= 2e-2  # bf16 weights
