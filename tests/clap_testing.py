@@ -6,24 +6,16 @@ elsewhere. A missing golden folder is an error, never a skip."""
 
 import functools
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import torch
+from af2_testing import shared_golden_dir
 from safetensors.torch import load_file
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def clap_golden_dir() -> Path:
-    path = Path(os.environ.get("AF2_CLAP_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden" / "clap_tiny"))
-    if not (path / "expected.safetensors").is_file() or not (path / "expected.json").is_file():
-        raise FileNotFoundError(
-            f"AF-CLAP golden data not found at {path}: the tests need ../shared/golden/clap_tiny beside the checkout "
-            "(or AF2_CLAP_GOLDEN_DIR)."
-        )
-    return path
+    return shared_golden_dir("clap_tiny", "AF2_CLAP_GOLDEN_DIR")
 
 
 @functools.lru_cache(maxsize=1)

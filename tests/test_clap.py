@@ -319,7 +319,7 @@ def test_device_parity_rows_on_cpu():
     """benchmarks/device_parity.py's AF-CLAP rows (run on CUDA by benchmarks/gpu_checks.sh) pass on the CPU."""
     import importlib.util
 
-    from clap_testing import REPO_ROOT
+    from af2_testing import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("device_parity", REPO_ROOT / "benchmarks" / "device_parity.py")
     module = importlib.util.module_from_spec(spec)
