@@ -12,8 +12,8 @@ It reproduces ``CLAP_Module.get_audio_embedding_from_filelist(files, sr=16000)``
    back]`` with ``is_longer`` True.
 
 The log-mel is torchaudio's ``MelSpectrogram(n_fft=1024, hop 160, power 2, htk, norm=None, 50-8000 Hz)`` +
-``AmplitudeToDB(top_db=None)`` computed with ``torch.stft`` (see :func:`af2_hf.feature_extraction_audioflamingo2.
-htk_mel_filter_bank`); the resize is ``torchvision.transforms.Resize`` of torchvision >= 0.17 (antialias on).
+``AmplitudeToDB(top_db=None)`` computed with ``torch.stft`` (:func:`af2_hf.log_mel.log_mel_spectrogram`, as the AF2
+extractor); the resize is ``torchvision.transforms.Resize`` of torchvision >= 0.17 (antialias on).
 
 Fusion crops: the original draws them from numpy's global RNG even at inference. Here they are deterministic by
 default: the FIRST start of the first third, the MIDDLE start of the middle third (``ranges[1][len // 2]``) and
@@ -40,7 +40,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import logging
 
 from .audio import AudioLoadError
-from .feature_extraction_audioflamingo2 import htk_mel_filter_bank
+from .log_mel import log_mel_spectrogram, mel_window_and_filters
 
 logger = logging.get_logger(__name__)
 
@@ -205,16 +205,10 @@ class AFClapFeatureExtractor(SequenceFeatureExtractor):
 
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(samples,)`` float32 -> ``(frames, mel_bins)`` log-mel in dB, as the original ``get_mel``."""
-        window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float32)
-        filters = htk_mel_filter_bank(
-            self.n_fft // 2 + 1, self.feature_size, float(self.f_min), float(self.f_max), self.sampling_rate
+        window, filters = mel_window_and_filters(
+            self.n_fft, self.feature_size, self.f_min, self.f_max, self.sampling_rate
         )
-        spectrum = torch.stft(
-            waveform, n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.n_fft, window=window,
-            center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True,
-        )
-        mel = torch.matmul(spectrum.abs().pow(2.0).transpose(-1, -2), filters)
-        return torch.clamp(mel, min=self.mel_floor).log10() * 10.0
+        return log_mel_spectrogram(waveform[None], window, filters, self.n_fft, self.hop_length, self.mel_floor)[0]
 
     def repeat_pad(self, waveform: np.ndarray) -> np.ndarray:
         """A clip of at most 10 s repeated ``int(max_samples / len)`` times, zero-padded to ``max_samples``."""

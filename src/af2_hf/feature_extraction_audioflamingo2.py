@@ -25,7 +25,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import logging
 
 from .audio import is_waveform, load_audio
-from .log_mel import htk_mel_filter_bank, log_mel_spectrogram, power_to_db, quantised_windows
+from .log_mel import htk_mel_filter_bank, log_mel_spectrogram, mel_window_and_filters, power_to_db, quantised_windows
 from .waveform_inputs import _input_device, _is_scalar_number, _pcm_to_float, waveform_list, waveform_tensor
 
 logger = logging.get_logger(__name__)
@@ -372,9 +372,8 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     def _window_and_filters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._device_cache:
-            window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float32)
-            filters = htk_mel_filter_bank(
-                self.n_fft // 2 + 1, self.num_mel_bins, float(self.f_min), float(self.f_max), self.sampling_rate
+            window, filters = mel_window_and_filters(
+                self.n_fft, self.num_mel_bins, self.f_min, self.f_max, self.sampling_rate
             )
             self._device_cache[key] = (window.to(device), filters.to(device))
         return self._device_cache[key]

@@ -18,7 +18,7 @@ import torch
 
 from .audio import peak_normalize
 
-__all__ = ["htk_mel_filter_bank", "log_mel_spectrogram", "power_to_db", "quantised_windows"]
+__all__ = ["htk_mel_filter_bank", "log_mel_spectrogram", "mel_window_and_filters", "power_to_db", "quantised_windows"]
 
 # Windows per torch.stft call. On the CPU one window at a time: its spectrum (~4 MB) stays in cache through |.|^2,
 # the mel product and the logarithm, which measured faster than one call over all windows (benchmarks/
@@ -52,6 +52,16 @@ def htk_mel_filter_bank(
     rising = (-1.0 * offsets[:, :-2]) / corner_gaps[:-1]
     falling = offsets[:, 2:] / corner_gaps[1:]
     return torch.clamp(torch.minimum(rising, falling), min=0.0)
+
+
+def mel_window_and_filters(
+    n_fft: int, num_mel_bins: int, f_min: float, f_max: float, sampling_rate: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 periodic Hann window ``(n_fft,)`` and the HTK mel filterbank ``(n_fft // 2 + 1, num_mel_bins)``
+    that :func:`log_mel_spectrogram` takes, on the CPU."""
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float32)
+    filters = htk_mel_filter_bank(n_fft // 2 + 1, num_mel_bins, float(f_min), float(f_max), sampling_rate)
+    return window, filters
 
 
 def quantised_windows(
