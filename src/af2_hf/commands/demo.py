@@ -10,22 +10,18 @@ from __future__ import annotations
 import os
 import sys
 
-from ..cli import MODEL_ENV, CliError
+from ..cli import CliError
+from ._server_options import add_server_arguments, check_port, load_served_model
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help=f"converted model directory or Hub repo (default: ${MODEL_ENV})")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    add_server_arguments(parser, default_port=7860)
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the page's initial token limit (default 128)")
     parser.add_argument("--share", action="store_true", help="also publish a temporary gradio.live link (internet)")
 
 
 def run(args) -> int:
-    if not 0 <= args.port <= 65535:
-        raise CliError(f"--port must be between 0 and 65535, got {args.port}.")
+    check_port(args.port)
     if not 1 <= args.max_new_tokens <= 512:
         raise CliError("--max-new-tokens must be between 1 and 512.")
     try:
@@ -33,15 +29,11 @@ def run(args) -> int:
         import gradio  # noqa: F401
     except ImportError as error:
         raise CliError(f"af2-hf demo needs the serve extra (pip install -e \".[serve]\"): {error}") from None
-    from ..cli import _NO_MODEL_HELP, _load
     from ..demo import build_demo, launch_demo
     from ..serving.engine import GenerationEngine
     from ..serving.model_info import describe_model
 
-    reference = args.model or os.environ.get(MODEL_ENV)
-    if not reference:
-        raise CliError(f"No model given (--model or ${MODEL_ENV}).\n\n{_NO_MODEL_HELP}")
-    pipe, is_tiny = _load(reference, args.device)
+    reference, pipe, is_tiny = load_served_model(args)
     engine = GenerationEngine(pipe.model, pipe.processor)
     demo = build_demo(engine, describe_model(reference, is_tiny), default_max_new_tokens=args.max_new_tokens)
     print(f"Demo of {reference} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)

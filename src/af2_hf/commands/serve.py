@@ -7,18 +7,14 @@ See ``af2_hf.serving`` for the API. Needs the ``serve`` extra (``pip install -e 
 
 from __future__ import annotations
 
-import os
 import sys
 
-from ..cli import MODEL_ENV, CliError
+from ..cli import CliError
+from ._server_options import add_server_arguments, check_port, load_served_model
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help=f"converted model directory or Hub repo (default: ${MODEL_ENV})")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    add_server_arguments(parser, default_port=8000)
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: the folder's name, or the Hub repo id)")
     parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
@@ -32,8 +28,7 @@ def add_arguments(parser) -> None:
 
 
 def _check(args) -> None:
-    if not 0 <= args.port <= 65535:
-        raise CliError(f"--port must be between 0 and 65535, got {args.port}.")
+    check_port(args.port)
     for name in ("max_new_tokens_limit", "max_choices", "queue_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -50,15 +45,11 @@ def run(args) -> int:
         from ..serving.app import ServerLimits, create_app
     except ImportError as error:
         raise CliError(f"af2-hf serve needs the serve extra (pip install -e \".[serve]\"): {error}") from None
-    from ..cli import _NO_MODEL_HELP, _load
     from ..serving.engine import GenerationEngine
     from ..serving.model_info import describe_model
 
     _check(args)
-    reference = args.model or os.environ.get(MODEL_ENV)
-    if not reference:
-        raise CliError(f"No model given (--model or ${MODEL_ENV}).\n\n{_NO_MODEL_HELP}")
-    pipe, is_tiny = _load(reference, args.device)
+    reference, pipe, is_tiny = load_served_model(args)
     info = describe_model(reference, is_tiny)
     engine = GenerationEngine(pipe.model, pipe.processor, max_queue=args.queue_size)
     model_limit = engine.max_audio_seconds()
