@@ -4,7 +4,8 @@ Every inputs dict holds ``input_features`` with two windows per sample, the seco
 ``input_features_mask`` is 0), and the cross-attention gates of every model the mixins build are opened (the
 tester's ``_init_weights`` hook below), so the audio moves the logits and every test exercises the audio path.
 
-No test is skipped by this class. What it sets, as transformers' own model tests do: `_prepare_for_class` adds the
+No test is skipped by this class on the current transformers (on an older release, one whose mixin predates an
+upstream fix: see ``test_keep_in_fp32_modules`` below). What it sets, as transformers' own model tests do: `_prepare_for_class` adds the
 causal-LM labels the mixin adds by name only for classes in transformers' Auto mappings; the mixin's cache-check hook
 `_check_past_key_values_for_generate` checks the decoder's layers with the mixin's own check and the gated
 cross-attention blocks' audio layers after them; `skip_test_audio_features_output_shape` (the mixin expects CLAP's
@@ -14,6 +15,7 @@ the HTSAT tower without SDPA, the composite config without a top-level `use_cach
 them are tested in ``tests/test_generation_contracts.py``.
 """
 
+import inspect
 import unittest
 
 import torch
@@ -129,6 +131,16 @@ class AudioFlamingo2ModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.
     # The mixin dates a model by a "# Copyright <year>" header in its config module and skips this weight-init check
     # for undated ones; AF2's is run.
     test_can_init_all_missing_weights_before_2023 = True
+
+    if "is_floating_point" not in inspect.getsource(ModelTesterMixin.test_keep_in_fp32_modules):
+        # Only where the installed release's mixin predates its fix (5.17): that version of the test demands that
+        # EVERY state-dict tensor outside the fp32 lists load as float16, integer buffers included, so any model with
+        # an integer buffer (HTSAT's relative_position_index) fails it; 5.24's version skips non-floating tensors.
+        # The contract (audio path float32, the rest in the requested dtype, integer buffers untouched) is tested in
+        # tests/test_mixed_precision.py on every release.
+        @unittest.skip("this transformers release's test_keep_in_fp32_modules casts integer buffers (fixed upstream)")
+        def test_keep_in_fp32_modules(self):
+            pass
 
     def setUp(self):
         self.model_tester = AudioFlamingo2ModelTester(self)
