@@ -145,3 +145,30 @@ def test_soundcot_needs_an_af2_processor(model_and_processor):
         soundcot_generate(model, processor.tokenizer, "a.wav", "q")
     with pytest.raises(ValueError, match="one audio per question"):
         soundcot_generate(model, processor, ["a.wav"], ["q", "r"])
+
+
+@pytest.mark.parametrize("injected", ["<|endoftext|>", "<audio>", "<SEP>", "<|endofchunk|>", "<|im_start|>user"])
+def test_soundcot_prompts_keep_special_token_text_in_a_question_plain(model_and_processor, golden_audio_files,
+                                                                      injected):
+    """First and second attempt: a question that writes a special token holds it as text (no control id, no second
+    audio slot), and the prompt of a question without one is token for token the original's written prompt."""
+    from af2_hf.soundcot import _question_inputs
+
+    _, processor = model_and_processor
+    tokenizer = processor.tokenizer
+    audio = processor.feature_extractor.fetch_audio(str(golden_audio_files["a"]))
+    control = {tokenizer.convert_tokens_to_ids(t) for t in (injected.split("user")[0], tokenizer.eos_token)}
+    control.add(tokenizer.sep_token_id)
+    for continuations in (None, [CONTINUATION]):
+        plain = soundcot_question("What do you hear?")
+        written = processor.format_prompt(plain) + (continuations[0] if continuations else "")
+        expected = processor(text=written, audio=[audio], return_tensors="pt")["input_ids"]
+        got = _question_inputs(processor, [plain], [audio], continuations, {})["input_ids"]
+        assert got.tolist() == expected.tolist()
+        question = soundcot_question(f"What {injected} do you hear?")
+        ids = _question_inputs(processor, [question], [audio], continuations, {})["input_ids"][0].tolist()
+        counts = {token: ids.count(token) for token in control}
+        assert counts[tokenizer.sep_token_id] == 1 and counts.get(tokenizer.eos_token_id, 0) == 0, counts
+        assert ids.count(processor.tokenizer.convert_tokens_to_ids(processor.audio_token)) == 1
+        assert ids.count(tokenizer.convert_tokens_to_ids(injected.split("user")[0])) <= (
+            1 if injected in ("<SEP>", "<audio>") else 0)

@@ -286,8 +286,8 @@ class AudioQuestionAnsweringPipeline(Pipeline):
     def _text(self, question: str, has_audio: bool, soundcot: bool) -> str:
         """What the processor gets as the text of one sample. AF2: the question itself (the batch goes through
         ``processor.apply_question_request``: the original prompt, or its text-only form, with the question as plain
-        text), the written prompt for SoundCoT (whose second attempt continues it). Other models: their chat
-        template."""
+        text), with the SoundCoT instruction appended for SoundCoT (whose second attempt continues the prompt).
+        Other models: their chat template."""
         processor = self.processor
         if not _is_af2_processor(processor):
             if getattr(processor, "chat_template", None):
@@ -301,7 +301,7 @@ class AudioQuestionAnsweringPipeline(Pipeline):
                 "prompt."
             )
         if soundcot:
-            return processor.format_prompt(soundcot_question(question))
+            return soundcot_question(question)
         return question
 
     def preprocess(self, inputs, question=None, sampling_rate=None, soundcot=False, processor_kwargs=None):
@@ -321,7 +321,7 @@ class AudioQuestionAnsweringPipeline(Pipeline):
         if soundcot:
             processor_kwargs.setdefault("max_length", SOUNDCOT_MAX_LENGTH)
         return {"prompt": self._text(question, waveform is not None, soundcot), "audio": waveform,
-                "processor_kwargs": processor_kwargs, "is_question": not soundcot}
+                "processor_kwargs": processor_kwargs}
 
     def _collate(self, items: list[dict]) -> dict:
         processor_kwargs = dict(items[0]["processor_kwargs"])
@@ -342,7 +342,7 @@ class AudioQuestionAnsweringPipeline(Pipeline):
             audio_arg = [audio for audio in audios if audio is not None] or None
         if audio_arg is not None:
             processor_kwargs.setdefault("sampling_rate", self.processor.feature_extractor.sampling_rate)
-        if _is_af2_processor(self.processor) and all(item.get("is_question") for item in items):
+        if _is_af2_processor(self.processor):
             inputs = self.processor.apply_question_request(prompts, audio=audios, return_tensors="pt",
                                                            **processor_kwargs)
         else:

@@ -13,7 +13,9 @@ model rambled until the token limit), it asks again with the reasoning cut short
 
 The answer of the second attempt is the decoded text after the last ``<SEP>``, so it starts with the kept part of the
 first answer; it is lower-cased too. Only Audio Flamingo 2 processors (``format_prompt``/``decode_answer``) are
-supported.
+supported. Prompts are built through the processor's chat template (the question as a user turn, the continuation as
+a continued assistant turn): the token ids are the original's, and special-token text written in a question stays
+plain text.
 """
 
 from __future__ import annotations
@@ -78,9 +80,27 @@ def _check_af2_processor(processor) -> None:
         )
 
 
-def generate_answers(model, processor, prompts: list[str], audios: list, processor_kwargs=None, **generate_kwargs):
-    """Runs the processor on ``prompts``/``audios`` (one audio per prompt, left padding), ``model.generate`` and
-    returns the decoded AF2 answers (``processor.decode_answer``), one per prompt."""
+def _question_inputs(processor, questions: list[str], audios: list, continuations: list[str] | None,
+                    processor_kwargs: dict):
+    """Model inputs for ``questions`` (plain text, through the chat template: special-token text written in a question
+    stays text) with their audio; with ``continuations``, each prompt continued by its text after ``<SEP>`` (the
+    original's second attempt, ``f"<audio>{question}<SEP>{continuation}"``)."""
+    if continuations is None:
+        return processor.apply_question_request(questions, audio=audios, return_tensors="pt", **processor_kwargs)
+    conversations = [
+        [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": question}]},
+         {"role": "assistant", "content": [{"type": "text", "text": continuation}]}]
+        for question, audio, continuation in zip(questions, audios, continuations)
+    ]
+    return processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt",
+                                         continue_final_message=True, processor_kwargs=processor_kwargs)
+
+
+def generate_answers(model, processor, questions: list[str], audios: list, continuations: list[str] | None = None,
+                     processor_kwargs=None, **generate_kwargs):
+    """Runs the processor on ``questions``/``audios`` (one audio per question, left padding; ``continuations``: see
+    :func:`_question_inputs`), ``model.generate`` and returns the decoded AF2 answers (``processor.decode_answer``),
+    one per question."""
     processor_kwargs = dict(processor_kwargs or {})
     text_kwargs = dict(processor_kwargs.pop("text_kwargs", None) or {})
     for key, value in (("padding", True), ("padding_side", "left")):
@@ -88,7 +108,7 @@ def generate_answers(model, processor, prompts: list[str], audios: list, process
             text_kwargs.setdefault(key, value)
     processor_kwargs["text_kwargs"] = text_kwargs
     processor_kwargs.setdefault("sampling_rate", processor.feature_extractor.sampling_rate)
-    inputs = processor(text=prompts, audio=audios, return_tensors="pt", **processor_kwargs)
+    inputs = _question_inputs(processor, list(questions), list(audios), continuations, processor_kwargs)
     inputs = _to_model(inputs, model)
     sequences = model.generate(**inputs, **generate_kwargs)
     return [processor.decode_answer(sequence) for sequence in sequences]
@@ -106,13 +126,14 @@ def _to_model(inputs, model) -> dict:
     return moved
 
 
-def reask(model, processor, prompts: list[str], audios: list, answers: list[str], processor_kwargs=None,
+def reask(model, processor, questions: list[str], audios: list, answers: list[str], processor_kwargs=None,
           **generate_kwargs) -> list[str]:
     """The SoundCoT second attempt for every answer that needs one; returns the final, lower-cased answers.
 
-    ``prompts`` are the first-attempt prompts (``f"<audio>{question}<SEP>"``), ``answers`` their decoded answers."""
-    if not (len(prompts) == len(audios) == len(answers)):
-        raise ValueError(f"Got {len(prompts)} prompts, {len(audios)} audios and {len(answers)} answers.")
+    ``questions`` are the first attempt's questions (with the instruction; prompted as ``f"<audio>{question}<SEP>"``),
+    ``answers`` their decoded answers."""
+    if not (len(questions) == len(audios) == len(answers)):
+        raise ValueError(f"Got {len(questions)} questions, {len(audios)} audios and {len(answers)} answers.")
     final = [answer.lower() for answer in answers]
     redo = [(index, soundcot_continuation(answer)) for index, answer in enumerate(answers)]
     redo = [(index, continuation) for index, continuation in redo if continuation is not None]
@@ -123,8 +144,9 @@ def reask(model, processor, prompts: list[str], audios: list, answers: list[str]
     second = generate_answers(
         model,
         processor,
-        [prompts[index] + continuation for index, continuation in redo],
+        [questions[index] for index, _ in redo],
         [audios[index] for index, _ in redo],
+        continuations=[continuation for _, continuation in redo],
         processor_kwargs=processor_kwargs,
         **generate_kwargs,
     )
@@ -156,10 +178,10 @@ def soundcot_generate(model, processor, audio, question, add_instruction: bool =
         questions = [soundcot_question(q) for q in questions]
     elif not all(isinstance(q, str) for q in questions):
         raise TypeError("questions must be strings.")
-    prompts = [processor.format_prompt(q) for q in questions]
     waveforms = [processor.feature_extractor.fetch_audio(a) for a in audios]
     generate_kwargs.setdefault("max_new_tokens", SOUNDCOT_MAX_NEW_TOKENS)
     processor_kwargs = {"max_length": SOUNDCOT_MAX_LENGTH}
-    first = generate_answers(model, processor, prompts, waveforms, processor_kwargs=processor_kwargs, **generate_kwargs)
-    answers = reask(model, processor, prompts, waveforms, first, processor_kwargs=processor_kwargs, **generate_kwargs)
+    first = generate_answers(model, processor, questions, waveforms, processor_kwargs=processor_kwargs,
+                             **generate_kwargs)
+    answers = reask(model, processor, questions, waveforms, first, processor_kwargs=processor_kwargs, **generate_kwargs)
     return answers[0] if single else answers
