@@ -22,6 +22,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from ._compat import CACHE_KEY, cache_argument, output_cache
 from .configuration_audioflamingo2 import AudioFlamingo2Config
+from .htsat_attention import use_sdpa_window_attention
 from .loading import CheckpointMismatchError, strict_from_pretrained
 
 
@@ -372,8 +373,8 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     # Quantizers take the same list as `modules_to_not_convert` (see README, "Speed and precision").
     _keep_in_fp32_modules_strict = AUDIO_PATH_FP32_PATTERNS
     # FlashAttention for the language model's self-attention; the audio transformer and the gated cross-attention
-    # blocks attend with audio key-padding masks and run SDPA then (see `_attention_interface`), the HTSAT tower is
-    # eager-only (see `set_attn_implementation`).
+    # blocks attend with audio key-padding masks and run SDPA then (see `_attention_interface`), and so do the HTSAT
+    # tower's window attentions, which run eager code only when the model is "eager" (`htsat_attention`).
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -383,8 +384,10 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
 
     def set_attn_implementation(self, attn_implementation: str | dict):
         """As [`PreTrainedModel.set_attn_implementation`]; a single implementation applies to the language model
-        and the AF2 layers, while the AF-CLAP (HTSAT) tower stays "eager" (transformers' Clap audio model implements
-        eager attention only), as it is built. A dict (sub-config name -> implementation) is passed on as given."""
+        and the AF2 layers, while the AF-CLAP (HTSAT) tower's config stays "eager" (transformers' Clap audio model
+        implements eager attention only); its window attentions follow the model's implementation: SDPA, or eager code
+        when the model is "eager" (`af2_hf.htsat_attention`). A dict (sub-config name -> implementation) is passed on
+        as given."""
         if isinstance(attn_implementation, str):
             attn_implementation = {"": attn_implementation, "text_config": attn_implementation, "audio_config": "eager"}
         return super().set_attn_implementation(attn_implementation)
@@ -426,11 +429,13 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
 
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
-        # transformers' HTSAT implements eager attention only; the rest of the model follows the requested one.
+        # transformers' HTSAT implements eager attention only (its config stays "eager"); its window attentions take
+        # the model's implementation: SDPA unless the model is set to "eager" (`htsat_attention`).
         # The audio path is float32 whatever the default dtype (`_keep_in_fp32_modules_strict`).
         self.audio_tower = ClapAudioModel._from_config(
             config.audio_config, attn_implementation="eager", dtype=torch.float32
         )
+        use_sdpa_window_attention(self.audio_tower, config)
         self.audio_transformer = AudioFlamingo2AudioTransformer(config).float()
         self.language_model = AutoModel.from_config(config.text_config)
         self.cross_attention_layers = nn.ModuleList(
