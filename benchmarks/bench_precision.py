@@ -4,14 +4,19 @@ weights and against the weight-read floor. Every figure is a ratio taken within 
 
 Speed (random weights of `--config` shapes, batch 1, one 10 s clip): after one prefill per variant, single decode
 steps of all variants are timed in turn, step by step, so that machine load drifts affect them alike. Also printed:
-the aten ops one decode step launches (counted with a TorchDispatchMode) and the bytes it must read.
+the aten ops one decode step launches (counted with a TorchDispatchMode), the bytes it must read, and the share of
+the float32 step spent in matrix products (profiler). Two floors: those bytes / the copy bandwidth (read + write of a
+large buffer, as `run.py` measures it) and / the read bandwidth (a sum over a large buffer: a step only reads).
+With `--compile`, generate() itself is timed (ms between consecutive new tokens, `--repeats` runs per variant, the
+variants in turn): float32 and mixed bf16, eager with the dynamic cache and compiled with a static cache
+(`CompileConfig(fullgraph=True)`), with the kernels one compiled step launches.
 
 Quality (the converted golden tiny checkpoint, `../shared/golden/tiny`): each precision is loaded the standard way,
 `from_pretrained(dir, dtype=torch.bfloat16)` (the model declares its audio path `_keep_in_fp32_modules_strict`) and
 `from_pretrained(dir, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))` (`modules_to_not_convert`: the
 model's `_keep_in_fp32_modules_strict`), and compared with the golden greedy and beam ids and logits of case A.
 
-    python benchmarks/bench_precision.py --config 0.5b --steps 8
+    python benchmarks/bench_precision.py --config 0.5b --steps 8 --compile
     python benchmarks/bench_precision.py --config tiny --steps 2          # seconds; what the tests run
 
 int8 needs torchao (`pip install torchao`); without it the int8 rows are left out and the run says so.
@@ -27,15 +32,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import Qwen2ForCausalLM
+from transformers import CompileConfig, Qwen2ForCausalLM
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from af2_hf import AudioFlamingo2ForConditionalGeneration
 from af2_hf._compat import CACHE_KEY, output_cache
 from bench_generate import build_model
-from run import cache_bytes, copy_bandwidth
+from run import StepTimer, cache_bytes, copy_bandwidth
 
 
 GOLDEN = Path(os.environ.get("AF2_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared/golden/tiny"))
@@ -148,6 +154,120 @@ def interleaved_steps(variants, input_ids, feats, mask, steps):
     return {name: (1000 * statistics.median(s["times"]), s["ops"]) for name, s in states.items()}
 
 
+def read_bandwidth(megabytes=1024, repeats=8) -> float:
+    """Streaming read rate in bytes/s: the best of `repeats` sums over a large float32 buffer (the reads a decode
+    step's matrix-vector products do, without their writes)."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()
+    best = min(timed_call(buffer.sum) for _ in range(repeats))
+    return buffer.numel() * 4 / best
+
+
+def timed_call(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def matrix_vector_rates(text_config, repeats=10) -> dict:
+    """Bytes/s of the batch-1 matrix-vector products of one decoder layer's MLP shapes (8 layers' worth, more than
+    the caches hold), per kernel: torch's float32 and bfloat16 `linear`, and oneDNN's bfloat16 product on weights
+    packed ahead of time (`torch.ops.mkldnn`, the kernel inductor's weight freezing calls), when this build has it."""
+    hidden, inner = text_config.hidden_size, text_config.intermediate_size
+    shapes = [(inner, hidden), (hidden, inner)] * 8
+    rates = {}
+    for name, dtype in (("float32 linear", torch.float32), ("bfloat16 linear", torch.bfloat16)):
+        weights = [torch.randn(shape, dtype=dtype) for shape in shapes]
+        inputs = [torch.randn(1, shape[1], dtype=dtype) for shape in shapes]
+        rates[name] = rate(lambda: [nn.functional.linear(x, w) for x, w in zip(inputs, weights)], weights, repeats)
+        if dtype == torch.bfloat16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+            rates["bfloat16 oneDNN packed"] = rate(
+                lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for x, w in zip(inputs, packed)],
+                weights, repeats)
+    return rates
+
+
+def rate(run, weights, repeats) -> float:
+    run()
+    best = min(timed_call(run) for _ in range(repeats))
+    return sum(w.numel() * w.element_size() for w in weights) / best
+
+
+@torch.inference_mode()
+def matmul_share(model, input_ids, feats, mask) -> float:
+    """Share of one cached decode step's CPU time spent in matrix products (profiler, self time)."""
+    out = model(input_ids=input_ids, input_features=feats, input_features_mask=mask, use_cache=True)
+    kwargs = dict(input_ids=out.logits[:, -1:].argmax(-1), input_features_mask=mask,
+                  attention_mask=torch.ones(1, input_ids.shape[1] + 1, dtype=torch.long),
+                  **{CACHE_KEY: output_cache(out)})
+    with torch.profiler.profile() as prof:
+        model(**kwargs)
+    times = {event.key: event.self_cpu_time_total for event in prof.key_averages()}
+    return sum(times.get(op, 0) for op in ("aten::mm", "aten::addmm", "aten::bmm")) / sum(times.values())
+
+
+def compile_config() -> CompileConfig:
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True  # generate() auto-compiles on accelerators only unless asked
+    return config
+
+
+@torch.inference_mode()
+def timed_generates(variants, inputs, tokens, repeats):
+    """Greedy fixed-length generate() per variant (name -> (model, compile config or None)), the variants in turn at
+    every repeat, after one warm-up each (compilation). Returns {name: median ms between consecutive new tokens}."""
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=tokens, min_new_tokens=tokens)
+
+    def generate(model, config, **extra):
+        static = dict(cache_implementation="static", compile_config=config) if config is not None else {}
+        return model.generate(**inputs, **kwargs, **static, **extra)
+
+    for model, config in variants.values():
+        generate(model, config)
+    gaps = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (model, config) in variants.items():
+            timer = StepTimer(torch.device("cpu"))
+            generate(model, config, streamer=timer)
+            gaps[name] += [later - earlier for earlier, later in zip(timer.times[2:], timer.times[3:])]
+    return {name: 1000 * statistics.median(values) for name, values in gaps.items()}
+
+
+@torch.inference_mode()
+def kernels_per_step(model, inputs, config, tokens) -> float:
+    """Kernels one compiled decode step launches: the generated C++ kernels and the library calls (matrix products)
+    inside each call of the compiled graph (profiled with inductor's kernel profiling)."""
+    with torch.profiler.profile() as prof:
+        model.generate(**inputs, do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=tokens,
+                       min_new_tokens=tokens, cache_implementation="static", compile_config=config)
+    calls = [event for event in prof.events() if event.name.endswith("_inductor_wrapper_call")]
+    if not calls:
+        raise RuntimeError("no compiled graph call was profiled: the decode steps did not run compiled")
+    return sum(len(event.cpu_children) for event in calls) / len(calls)
+
+
+def compiled_decode(args, variants, rows):
+    """float32 and mixed bf16 decoding through generate(): eager (dynamic cache) vs static cache + torch.compile."""
+    torch.manual_seed(0)
+    config = variants["float32"].config
+    inputs = dict(input_ids=torch.randint(0, 1000, (1, args.prompt_tokens)),
+                  attention_mask=torch.ones(1, args.prompt_tokens, dtype=torch.long),
+                  input_features=torch.randn(1, 1, 1001, config.audio_config.num_mel_bins) * 20 - 40,
+                  input_features_mask=torch.ones(1, 1, dtype=torch.long))
+    with inductor_config.patch({"cpp.enable_kernel_profile": True, "profiler_mark_wrapper_call": True}):
+        runs = {"float32 eager": (variants["float32"], None), "float32 compiled": (variants["float32"], compile_config()),
+                "mixed bf16 eager": (variants["mixed bf16"], None),
+                "mixed bf16 compiled": (variants["mixed bf16"], compile_config())}
+        ms = timed_generates(runs, inputs, args.steps + 2, args.repeats)
+        kernels = {name: kernels_per_step(model, inputs, cc, 3) for name, (model, cc) in runs.items() if cc is not None}
+    base = ms["float32 eager"]
+    for name, value in ms.items():
+        rows.append(dict(measure=f"generate b1 10s {name}", ms=value, vs_float32_eager=value / base,
+                         kernels=kernels.get(name)))
+
+
 def speed(args, int8_config, rows):
     model = build_model(args.config, torch.device("cpu"), torch.float32)
     config = model.config
@@ -159,19 +279,32 @@ def speed(args, int8_config, rows):
     feats = torch.randn(1, 1, 1001, config.audio_config.num_mel_bins) * 20 - 40
     mask = torch.ones(1, 1, dtype=torch.long)
     results = interleaved_steps(variants, input_ids, feats, mask, args.steps)
+    share = matmul_share(model, input_ids, feats, mask)
     bandwidth = copy_bandwidth(torch.device("cpu"), megabytes=256)
+    reading = read_bandwidth()
     tokens = args.prompt_tokens + args.steps
     base_ms = results["float32"][0]
+    floors = {}
     for name, (ms, ops) in results.items():
         read = step_weight_bytes(variants[name])
         if isinstance(variants[name], AudioFlamingo2ForConditionalGeneration):
             dtype = torch.float32 if name != "mixed bf16" else torch.bfloat16
             read += cache_bytes(variants[name], 1, tokens, config.tokens_per_window, dtype)
-        floor_ms = 1000 * read / bandwidth
+        floor_ms, floors[name] = 1000 * read / bandwidth, read
         rows.append(dict(measure=f"decode b1 10s {name}", ms=ms, ops=ops, read_mib=read / 2**20,
                          vs_float32=ms / base_ms, vs_plain_qwen2=ms / results["plain Qwen2 float32"][0],
-                         floor_ms=floor_ms, achieved_over_floor=floor_ms / ms))
-    return bandwidth
+                         floor_ms=floor_ms, achieved_over_floor=floor_ms / ms,
+                         achieved_over_read_floor=1000 * read / reading / ms))
+    rows.append(dict(measure="float32 decode step matrix-product share", share=share))
+    rows.append(dict(measure="matrix-vector bytes/s", **matrix_vector_rates(config.text_config)))
+    if args.compile:
+        compiled_decode(args, variants, rows)
+        for row in rows:
+            precision = next((p for p in ("float32", "mixed bf16") if row["measure"].startswith(f"generate b1 10s {p}")), None)
+            if precision:
+                row["achieved_over_floor"] = 1000 * floors[precision] / bandwidth / row["ms"]
+                row["achieved_over_read_floor"] = 1000 * floors[precision] / reading / row["ms"]
+    return bandwidth, reading
 
 
 @torch.inference_mode()
@@ -220,6 +353,9 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--json", default="bench_precision.json")
     parser.add_argument("--golden", default=str(GOLDEN), help="golden folder (default ../shared/golden/tiny)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time generate() eager vs static cache + torch.compile, float32 and mixed bf16")
+    parser.add_argument("--repeats", type=int, default=3, help="generate() runs per variant with --compile")
     args = parser.parse_args()
     int8_config = torchao_int8()
     load = os.getloadavg()[0]
@@ -227,15 +363,31 @@ def main():
           + ("" if int8_config is not None else "  (torchao not installed: no int8 rows)"), flush=True)
     rows = []
     quality(Path(args.golden), int8_config, rows)
-    bandwidth = speed(args, int8_config, rows)
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, load average at the end {os.getloadavg()[0]:.1f}\n")
-    print("| precision | ms/step | x float32 | x plain Qwen2 | achieved/floor | MiB read/step | aten ops/step |")
-    print("|---|---|---|---|---|---|---|")
+    bandwidth, reading = speed(args, int8_config, rows)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), read bandwidth {reading / 1e9:.1f} GB/s, "
+          f"load average at the end {os.getloadavg()[0]:.1f}\n")
+    print("| precision | ms/step | x float32 | x plain Qwen2 | achieved/floor | achieved/read floor | MiB read/step |"
+          " aten ops/step |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        if "ms" in row:
+        if row["measure"].startswith("decode b1 10s "):
             print(f"| {row['measure'].removeprefix('decode b1 10s ')} | {row['ms']:.1f} | {row['vs_float32']:.2f} | "
-                  f"{row['vs_plain_qwen2']:.2f} | {row['achieved_over_floor']:.2f} | {row['read_mib']:.0f} | "
-                  f"{row['ops']} |")
+                  f"{row['vs_plain_qwen2']:.2f} | {row['achieved_over_floor']:.2f} | "
+                  f"{row['achieved_over_read_floor']:.2f} | {row['read_mib']:.0f} | {row['ops']} |")
+    share = next(row["share"] for row in rows if "share" in row)
+    print(f"\nfloat32 decode step: {share:.0%} of its CPU time in matrix products")
+    kernels = next(row for row in rows if row["measure"] == "matrix-vector bytes/s")
+    print("batch-1 matrix-vector products (decoder MLP shapes): " + ", ".join(
+        f"{name} {value / 1e9:.1f} GB/s" for name, value in kernels.items() if name != "measure"))
+    generate_rows = [row for row in rows if row["measure"].startswith("generate b1 10s ")]
+    if generate_rows:
+        print("\n| generate() | ms/token | x float32 eager | achieved/floor | achieved/read floor | kernels/step |")
+        print("|---|---|---|---|---|---|")
+        for row in generate_rows:
+            kernels = "-" if row["kernels"] is None else f"{row['kernels']:.0f}"
+            print(f"| {row['measure'].removeprefix('generate b1 10s ')} | {row['ms']:.1f} | "
+                  f"{row['vs_float32_eager']:.2f} | {row['achieved_over_floor']:.2f} | "
+                  f"{row['achieved_over_read_floor']:.2f} | {kernels} |")
     print("\n| golden A | greedy ids | greedy agreement | beam ids | max abs logit error | rel logit error |"
           " audio path float32 |")
     print("|---|---|---|---|---|---|---|")
@@ -245,7 +397,8 @@ def main():
                   f"| {row['greedy_agreement']:.3f} | {'same' if row['beam_ids_equal'] else 'DIFFER'} | "
                   f"{row['max_logit_error']:.2e} | {row['relative_logit_error']:.2e} | {row['audio_path_float32']} |")
     with open(args.json, "w") as handle:
-        json.dump(dict(config=args.config, load_average=load, bandwidth=bandwidth, rows=rows), handle, indent=1)
+        json.dump(dict(config=args.config, load_average=load, bandwidth=bandwidth, read_bandwidth=reading, rows=rows),
+                  handle, indent=1)
     print(f"\nwrote {args.json}")
 
 

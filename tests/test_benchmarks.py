@@ -43,19 +43,48 @@ def test_benchmark_suite_tiny_cpu(tmp_path):
 
 
 def test_precision_benchmark_tiny_cpu(tmp_path):
-    """bench_precision.py: float32 / mixed / plain Qwen2 decode rows and the golden A quality rows (without torchao
-    installed, as here, no int8 rows)."""
+    """bench_precision.py: float32 / mixed / plain Qwen2 decode rows, the compiled generate() rows and the golden A
+    quality rows (without torchao installed, as in CI, no int8 rows)."""
     out = tmp_path / "precision.json"
     stdout = run_script("bench_precision.py", "--config", "tiny", "--steps", "1", "--golden", str(golden_dir()),
-                        "--json", str(out), cwd=tmp_path)
+                        "--compile", "--repeats", "1", "--json", str(out), cwd=tmp_path)
     rows = {row["measure"]: row for row in json.loads(out.read_text())["rows"]}
     for name in ("float32", "mixed bf16", "plain Qwen2 float32"):
         assert rows[f"decode b1 10s {name}"]["ms"] > 0 and rows[f"decode b1 10s {name}"]["ops"] > 0, name
     assert rows["decode b1 10s float32"]["vs_float32"] == 1.0
+    assert 0 < rows["float32 decode step matrix-product share"]["share"] < 1
+    assert rows["matrix-vector bytes/s"]["float32 linear"] > 0 and rows["matrix-vector bytes/s"]["bfloat16 linear"] > 0
+    # --compile: generate() eager vs static cache + torch.compile; a compiled step launches fewer kernels than the
+    # eager step's aten ops (fusion), and the eager rows have no kernel count
+    for precision in ("float32", "mixed bf16"):
+        eager, compiled = rows[f"generate b1 10s {precision} eager"], rows[f"generate b1 10s {precision} compiled"]
+        assert eager["ms"] > 0 and compiled["ms"] > 0 and eager["kernels"] is None
+        assert 0 < compiled["kernels"] < rows[f"decode b1 10s {precision}"]["ops"], precision
+    assert rows["generate b1 10s float32 eager"]["vs_float32_eager"] == 1.0
     # the mixed model keeps the golden ids (the project's claim, also tested in test_mixed_precision.py)
     for name in ("float32", "mixed bf16", "mixed fp16"):
         assert rows[f"golden A {name}"]["greedy_ids_equal"] and rows[f"golden A {name}"]["audio_path_float32"], name
     assert "| precision | ms/step | x float32 | x plain Qwen2 |" in stdout
+
+
+def test_encoding_benchmark_tiny_cpu(tmp_path):
+    """bench_encoding.py: eager vs fused HTSAT rows against the matrix-product floor, the profile shares, the
+    implicit-bf16 information row and one memory row per audio_tower_batch_size (subprocesses)."""
+    out = tmp_path / "encoding.json"
+    stdout = run_script("bench_encoding.py", "--config", "tiny", "--windows", "2", "--repeats", "1", "--memory",
+                        "--memory-windows", "3", "--batch-sizes", "2", "0", "--json", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    rows = {row["measure"]: row for row in report["rows"]}
+    assert report["flops"] > 0 and report["matmul_rate"] > 0
+    assert rows["eager window attention"]["vs_eager"] == 1.0
+    fused = rows["fused SDPA window attention"]
+    assert fused["seconds"] > 0 and 0 < fused["achieved_over_floor"] and fused["relative_error_vs_eager"] < 1e-5
+    shares = rows["profile fused SDPA"]
+    assert abs(sum(v for k, v in shares.items() if k != "measure") - 1) < 1e-6 and shares["matrix products"] > 0
+    assert rows["fused SDPA, implicit bf16 matmuls (not used)"]["relative_error_vs_eager"] >= 0  # 0 without bf16 units
+    for label in ("2", "all"):
+        assert rows[f"encode 3 windows, audio_tower_batch_size={label}"]["seconds"] > 0
+    assert "| tower | s | x eager | achieved/floor |" in stdout
 
 
 def test_device_parity_script_passes_on_cpu(tmp_path):

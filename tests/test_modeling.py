@@ -62,8 +62,8 @@ def test_audio_features_shape_and_batched_tower_calls():
             audio = model.get_audio_features(random_features(3, 4), torch.ones(3, 4, dtype=torch.long)).last_hidden_state
     finally:
         hook.remove()
-    assert model.config.audio_tower_batch_size == 8
-    assert calls == [8, 4]  # the 12 windows of the batch together, 8 per call
+    assert model.config.audio_tower_batch_size == 4
+    assert calls == [4, 4, 4]  # the 12 windows of the batch together, 4 per call
     assert audio.shape == (3, 4 * 64, model.config.audio_hidden_size)
 
 

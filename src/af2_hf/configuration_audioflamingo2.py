@@ -239,9 +239,11 @@ class AudioFlamingo2Config(PreTrainedConfig):
         cross_attention_num_heads (`int`), cross_attention_head_dim (`int`), cross_attention_ff_mult (`int`):
             shape of the gated cross-attention blocks.
         tokens_per_window (`int`): audio tokens produced by the audio tower for one 10 s window.
-        audio_tower_batch_size (`int`, *optional*, defaults to 8): windows the audio tower encodes per call. It
-            bounds the tower's activation memory (about 34 MiB per window in bfloat16 for HTSAT-large, ~1 GiB for
-            30 windows at once) without changing the results; `None` encodes all windows of a batch in one call.
+        audio_tower_batch_size (`int`, *optional*, defaults to 4): windows the audio tower encodes per call. It
+            bounds the tower's activation memory without changing the results; `None` encodes all windows of a
+            batch in one call. Measured for 30 windows (HTSAT-large, float32, 2-core CPU,
+            `benchmarks/bench_encoding.py --memory`): the encoding raised the peak RSS by 0.5 GiB with 4 (the
+            fastest setting there), 0.7-0.8 GiB with 8 and 2.0 GiB with all windows at once.
         audio_token_id, end_of_chunk_token_id, sep_token_id, pad_token_id (`int`): AF2 special tokens.
     """
 
@@ -264,7 +266,7 @@ class AudioFlamingo2Config(PreTrainedConfig):
     cross_attention_head_dim: int = interval(min=1)(default=64)
     cross_attention_ff_mult: int = interval(min=1)(default=4)
     tokens_per_window: int = interval(min=1)(default=64)
-    audio_tower_batch_size: int | None = _positive_or_none(default=8)
+    audio_tower_batch_size: int | None = _positive_or_none(default=4)
     audio_token_id: int = 151665
     end_of_chunk_token_id: int = 151666
     pad_token_id: int | None = 151667
