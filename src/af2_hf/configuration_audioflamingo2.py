@@ -242,8 +242,8 @@ class AudioFlamingo2Config(PreTrainedConfig):
         audio_tower_batch_size (`int`, *optional*, defaults to 4): windows the audio tower encodes per call. It
             bounds the tower's activation memory without changing the results; `None` encodes all windows of a
             batch in one call. Measured for 30 windows (HTSAT-large, float32, 2-core CPU,
-            `benchmarks/bench_encoding.py --memory`): the encoding raised the peak RSS by 0.5 GiB with 4 (the
-            fastest setting there), 0.7-0.8 GiB with 8 and 2.0 GiB with all windows at once.
+            `benchmarks/bench_encoding.py --memory`): the encoding raised the peak RSS by 0.5 GiB with 4,
+            0.7-0.8 GiB with 8 and 2.0 GiB with all windows at once, in times within the machine's noise.
         audio_token_id, end_of_chunk_token_id, sep_token_id, pad_token_id (`int`): AF2 special tokens.
     """
 
