@@ -22,26 +22,20 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_generate import build_model, shapes
+from measure import elapsed, relative_error
 
 
 def matmul_rate(size: int = 4096, repeats: int = 5) -> float:
     """float32 matrix-product rate of this machine in FLOP/s (one large square product, best of `repeats`)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    best = min(elapsed(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def profile_shares(run) -> dict:
@@ -75,11 +69,11 @@ def speed(args, rows):
     if args.compile:
         variants["fused SDPA + torch.compile"] = run_with("sdpa", torch.compile(tower, dynamic=False))
     reference = variants["eager window attention"]()
-    errors = {name: relative(run(), reference) for name, run in variants.items()}  # also warms up / compiles
+    errors = {name: relative_error(run(), reference) for name, run in variants.items()}  # also warms up / compiles
     times = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, run in variants.items():
-            times[name].append(timed(run))
+            times[name].append(elapsed(run))
     with FlopCounterMode(display=False) as counter:
         variants["fused SDPA window attention"]()
     flops, rate = counter.get_total_flops(), matmul_rate()
@@ -101,16 +95,12 @@ def implicit_bf16(run, reference, base) -> dict:
     saved = backend.fp32_precision
     try:
         backend.fp32_precision = "bf16"
-        error = relative(run(), reference)
-        seconds = statistics.median(timed(run) for _ in range(2))
+        error = relative_error(run(), reference)
+        seconds = statistics.median(elapsed(run) for _ in range(2))
     finally:
         backend.fp32_precision = saved
     return dict(measure="fused SDPA, implicit bf16 matmuls (not used)", seconds=seconds, vs_eager=seconds / base,
                 relative_error_vs_eager=error)
-
-
-def relative(actual, expected) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def memory_child(config: str, windows: int, batch_size: int) -> None:
@@ -122,7 +112,7 @@ def memory_child(config: str, windows: int, batch_size: int) -> None:
     mask = torch.ones(1, windows, dtype=torch.long)
     before = reset_peak_rss()
     with torch.inference_mode():
-        seconds = timed(lambda: model.get_audio_features(features, mask))
+        seconds = elapsed(lambda: model.get_audio_features(features, mask))
     print(json.dumps(dict(peak_rss_rise_mib=(proc_status_kib("VmHWM") - before) / 1024, seconds=seconds)))
 
 

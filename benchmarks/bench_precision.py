@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +40,11 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from af2_hf import AudioFlamingo2ForConditionalGeneration
 from af2_hf._compat import CACHE_KEY, output_cache
 from bench_generate import build_model
+from golden_tiny import DEFAULT_GOLDEN_DIR, load_golden_tiny
+from measure import elapsed
 from run import StepTimer, cache_bytes, copy_bandwidth
 
 
-GOLDEN = Path(os.environ.get("AF2_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared/golden/tiny"))
 
 
 def torchao_int8():
@@ -123,35 +123,44 @@ def plain_lm(model):
     return lm.eval()
 
 
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
 @torch.inference_mode()
 def interleaved_steps(variants, input_ids, feats, mask, steps):
-    """Prefill each variant, then time `steps` single-token decode steps, the variants in turn at every step.
-    Returns {name: (median ms/step, aten ops in one step)}."""
+    """Prefill each variant, then run single-token decode steps, the variants in turn at every step: the first
+    counted (aten ops), the second profiled (share of CPU time in matrix products), the next `steps` timed.
+    Returns {name: (median ms/step, aten ops in one step, matrix-product share)}."""
     states = {}
     for name, model in variants.items():
         kwargs = dict(input_ids=input_ids)
         if isinstance(model, AudioFlamingo2ForConditionalGeneration):
             kwargs.update(input_features=feats.to(model.model.audio_tower.dtype), input_features_mask=mask)
         out = model(**kwargs, use_cache=True)
-        states[name] = dict(cache=output_cache(out), token=out.logits[:, -1:].argmax(-1), times=[], ops=None)
+        states[name] = dict(cache=output_cache(out), token=out.logits[:, -1:].argmax(-1), times=[])
     length = input_ids.shape[1]
-    for step in range(steps + 1):
+    for step in range(steps + 2):
         attention = torch.ones(1, length + step + 1, dtype=torch.long)
         for name, model in variants.items():
             state = states[name]
             kwargs = dict(input_ids=state["token"], attention_mask=attention, **{CACHE_KEY: state["cache"]})
             if isinstance(model, AudioFlamingo2ForConditionalGeneration):
                 kwargs["input_features_mask"] = mask
-            if step == 0:  # warm-up step, counted
+            if step == 0:
                 with OpCounter() as counter:
                     out = model(**kwargs)
                 state["ops"] = counter.count
+            elif step == 1:
+                with torch.profiler.profile() as prof:
+                    out = model(**kwargs)
+                times = {event.key: event.self_cpu_time_total for event in prof.key_averages()}
+                state["share"] = sum(times.get(op, 0) for op in MATRIX_PRODUCTS) / sum(times.values())
             else:
                 start = time.perf_counter()
                 out = model(**kwargs)
                 state["times"].append(time.perf_counter() - start)
             state["token"] = out.logits[:, -1:].argmax(-1)
-    return {name: (1000 * statistics.median(s["times"]), s["ops"]) for name, s in states.items()}
+    return {name: (1000 * statistics.median(s["times"]), s["ops"], s["share"]) for name, s in states.items()}
 
 
 def read_bandwidth(megabytes=1024, repeats=8) -> float:
@@ -159,14 +168,8 @@ def read_bandwidth(megabytes=1024, repeats=8) -> float:
     step's matrix-vector products do, without their writes)."""
     buffer = torch.ones(megabytes * 2**20 // 4)
     buffer.sum()
-    best = min(timed_call(buffer.sum) for _ in range(repeats))
+    best = min(elapsed(buffer.sum) for _ in range(repeats))
     return buffer.numel() * 4 / best
-
-
-def timed_call(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -183,29 +186,16 @@ def matrix_vector_rates(text_config, repeats=10) -> dict:
         rates[name] = rate(lambda: [nn.functional.linear(x, w) for x, w in zip(inputs, weights)], weights, repeats)
         if dtype == torch.bfloat16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+            packed_linear = torch.ops.mkldnn._linear_pointwise
             rates["bfloat16 oneDNN packed"] = rate(
-                lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for x, w in zip(inputs, packed)],
-                weights, repeats)
+                lambda: [packed_linear(x, w, None, "none", [], "") for x, w in zip(inputs, packed)], weights, repeats)
     return rates
 
 
 def rate(run, weights, repeats) -> float:
     run()
-    best = min(timed_call(run) for _ in range(repeats))
+    best = min(elapsed(run) for _ in range(repeats))
     return sum(w.numel() * w.element_size() for w in weights) / best
-
-
-@torch.inference_mode()
-def matmul_share(model, input_ids, feats, mask) -> float:
-    """Share of one cached decode step's CPU time spent in matrix products (profiler, self time)."""
-    out = model(input_ids=input_ids, input_features=feats, input_features_mask=mask, use_cache=True)
-    kwargs = dict(input_ids=out.logits[:, -1:].argmax(-1), input_features_mask=mask,
-                  attention_mask=torch.ones(1, input_ids.shape[1] + 1, dtype=torch.long),
-                  **{CACHE_KEY: output_cache(out)})
-    with torch.profiler.profile() as prof:
-        model(**kwargs)
-    times = {event.key: event.self_cpu_time_total for event in prof.key_averages()}
-    return sum(times.get(op, 0) for op in ("aten::mm", "aten::addmm", "aten::bmm")) / sum(times.values())
 
 
 def compile_config() -> CompileConfig:
@@ -214,15 +204,18 @@ def compile_config() -> CompileConfig:
     return config
 
 
+def greedy_tokens(tokens: int) -> dict:
+    """generate() arguments for exactly `tokens` greedy new tokens (no early stop)."""
+    return dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=tokens, min_new_tokens=tokens)
+
+
 @torch.inference_mode()
 def timed_generates(variants, inputs, tokens, repeats):
     """Greedy fixed-length generate() per variant (name -> (model, compile config or None)), the variants in turn at
     every repeat, after one warm-up each (compilation). Returns {name: median ms between consecutive new tokens}."""
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=tokens, min_new_tokens=tokens)
-
     def generate(model, config, **extra):
         static = dict(cache_implementation="static", compile_config=config) if config is not None else {}
-        return model.generate(**inputs, **kwargs, **static, **extra)
+        return model.generate(**inputs, **greedy_tokens(tokens), **static, **extra)
 
     for model, config in variants.values():
         generate(model, config)
@@ -240,32 +233,30 @@ def kernels_per_step(model, inputs, config, tokens) -> float:
     """Kernels one compiled decode step launches: the generated C++ kernels and the library calls (matrix products)
     inside each call of the compiled graph (profiled with inductor's kernel profiling)."""
     with torch.profiler.profile() as prof:
-        model.generate(**inputs, do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=tokens,
-                       min_new_tokens=tokens, cache_implementation="static", compile_config=config)
+        model.generate(**inputs, **greedy_tokens(tokens), cache_implementation="static", compile_config=config)
     calls = [event for event in prof.events() if event.name.endswith("_inductor_wrapper_call")]
     if not calls:
         raise RuntimeError("no compiled graph call was profiled: the decode steps did not run compiled")
     return sum(len(event.cpu_children) for event in calls) / len(calls)
 
 
-def compiled_decode(args, variants, rows):
-    """float32 and mixed bf16 decoding through generate(): eager (dynamic cache) vs static cache + torch.compile."""
-    torch.manual_seed(0)
-    config = variants["float32"].config
-    inputs = dict(input_ids=torch.randint(0, 1000, (1, args.prompt_tokens)),
-                  attention_mask=torch.ones(1, args.prompt_tokens, dtype=torch.long),
-                  input_features=torch.randn(1, 1, 1001, config.audio_config.num_mel_bins) * 20 - 40,
-                  input_features_mask=torch.ones(1, 1, dtype=torch.long))
+def compiled_decode(args, variants, inputs, read_bytes, bandwidth, reading, rows):
+    """float32 and mixed bf16 decoding through generate(): eager (dynamic cache) vs static cache + torch.compile;
+    `read_bytes`: the bytes one step of each precision reads (the floors)."""
     with inductor_config.patch({"cpp.enable_kernel_profile": True, "profiler_mark_wrapper_call": True}):
-        runs = {"float32 eager": (variants["float32"], None), "float32 compiled": (variants["float32"], compile_config()),
-                "mixed bf16 eager": (variants["mixed bf16"], None),
-                "mixed bf16 compiled": (variants["mixed bf16"], compile_config())}
-        ms = timed_generates(runs, inputs, args.steps + 2, args.repeats)
-        kernels = {name: kernels_per_step(model, inputs, cc, 3) for name, (model, cc) in runs.items() if cc is not None}
-    base = ms["float32 eager"]
-    for name, value in ms.items():
-        rows.append(dict(measure=f"generate b1 10s {name}", ms=value, vs_float32_eager=value / base,
-                         kernels=kernels.get(name)))
+        runs = {}
+        for precision in ("float32", "mixed bf16"):
+            runs[f"{precision} eager"] = (variants[precision], None, precision)
+            runs[f"{precision} compiled"] = (variants[precision], compile_config(), precision)
+        ms = timed_generates({name: run[:2] for name, run in runs.items()}, inputs, args.steps + 2, args.repeats)
+        kernels = {name: kernels_per_step(model, inputs, cc, 3) for name, (model, cc, _) in runs.items()
+                   if cc is not None}
+    for name, (_, _, precision) in runs.items():
+        read = read_bytes[precision]
+        rows.append(dict(measure=f"generate b1 10s {name}", ms=ms[name],
+                         vs_float32_eager=ms[name] / ms["float32 eager"], kernels=kernels.get(name),
+                         achieved_over_floor=1000 * read / bandwidth / ms[name],
+                         achieved_over_read_floor=1000 * read / reading / ms[name]))
 
 
 def speed(args, int8_config, rows):
@@ -279,47 +270,35 @@ def speed(args, int8_config, rows):
     feats = torch.randn(1, 1, 1001, config.audio_config.num_mel_bins) * 20 - 40
     mask = torch.ones(1, 1, dtype=torch.long)
     results = interleaved_steps(variants, input_ids, feats, mask, args.steps)
-    share = matmul_share(model, input_ids, feats, mask)
     bandwidth = copy_bandwidth(torch.device("cpu"), megabytes=256)
     reading = read_bandwidth()
     tokens = args.prompt_tokens + args.steps
     base_ms = results["float32"][0]
-    floors = {}
-    for name, (ms, ops) in results.items():
+    read_bytes = {}
+    for name, (ms, ops, _) in results.items():
         read = step_weight_bytes(variants[name])
         if isinstance(variants[name], AudioFlamingo2ForConditionalGeneration):
             dtype = torch.float32 if name != "mixed bf16" else torch.bfloat16
             read += cache_bytes(variants[name], 1, tokens, config.tokens_per_window, dtype)
-        floor_ms, floors[name] = 1000 * read / bandwidth, read
+        floor_ms, read_bytes[name] = 1000 * read / bandwidth, read
         rows.append(dict(measure=f"decode b1 10s {name}", ms=ms, ops=ops, read_mib=read / 2**20,
                          vs_float32=ms / base_ms, vs_plain_qwen2=ms / results["plain Qwen2 float32"][0],
                          floor_ms=floor_ms, achieved_over_floor=floor_ms / ms,
                          achieved_over_read_floor=1000 * read / reading / ms))
-    rows.append(dict(measure="float32 decode step matrix-product share", share=share))
+    rows.append(dict(measure="float32 decode step matrix-product share", share=results["float32"][2]))
     rows.append(dict(measure="matrix-vector bytes/s", **matrix_vector_rates(config.text_config)))
     if args.compile:
-        compiled_decode(args, variants, rows)
-        for row in rows:
-            precision = next((p for p in ("float32", "mixed bf16") if row["measure"].startswith(f"generate b1 10s {p}")), None)
-            if precision:
-                row["achieved_over_floor"] = 1000 * floors[precision] / bandwidth / row["ms"]
-                row["achieved_over_read_floor"] = 1000 * floors[precision] / reading / row["ms"]
+        inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), input_features=feats,
+                      input_features_mask=mask)
+        compiled_decode(args, variants, inputs, read_bytes, bandwidth, reading, rows)
     return bandwidth, reading
 
 
 @torch.inference_mode()
 def quality(golden_dir, int8_config, rows):
     """Golden A: greedy/beam ids and logits of each precision vs the original's float32 golden data."""
-    from safetensors.torch import load_file
-
-    from af2_hf.convert_af2 import convert_af2_checkpoint
-
-    golden = load_file(str(golden_dir / "expected.safetensors"))
-    spec = json.loads((golden_dir / "expected.json").read_text())
-    greedy = dict(spec["generation"]["greedy"])
-    beam = {key: value for key, value in spec["generation"]["beam"].items() if key != "case"}
-    folder = Path(tempfile.mkdtemp(prefix="af2_precision_")) / "converted"
-    convert_af2_checkpoint(golden_dir / "original", golden_dir / "base_lm", folder, dtype="float32")
+    tiny = load_golden_tiny(golden_dir, prefix="af2_precision_")
+    golden, greedy, beam, folder = tiny.tensors, tiny.greedy_kwargs, tiny.beam_kwargs, tiny.converted_dir
     loads = {"float32": {}, "mixed bf16": dict(dtype=torch.bfloat16), "mixed fp16": dict(dtype=torch.float16)}
     if int8_config is not None:
         from transformers import TorchAoConfig
@@ -352,7 +331,8 @@ def main():
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per variant")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--json", default="bench_precision.json")
-    parser.add_argument("--golden", default=str(GOLDEN), help="golden folder (default ../shared/golden/tiny)")
+    parser.add_argument("--golden", default=str(DEFAULT_GOLDEN_DIR),
+                        help="golden folder (default ../shared/golden/tiny)")
     parser.add_argument("--compile", action="store_true",
                         help="also time generate() eager vs static cache + torch.compile, float32 and mixed bf16")
     parser.add_argument("--repeats", type=int, default=3, help="generate() runs per variant with --compile")

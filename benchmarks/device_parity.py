@@ -27,14 +27,10 @@ from transformers import CompileConfig, pipeline
 
 from af2_hf import AudioFlamingo2FeatureExtractor, AudioFlamingo2ForConditionalGeneration, AudioQuestionAnsweringPipeline
 from af2_hf._compat import output_cache
-from af2_hf.convert_af2 import convert_af2_checkpoint
+from golden_tiny import DEFAULT_GOLDEN_DIR, load_golden_tiny
+from measure import relative_error as rel
 
 TOL = 1e-4
-
-
-def rel(actual, expected) -> float:
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def afclap_parity(device: torch.device, clap_golden_dir: Path, model_dir: Path | None = None) -> list[tuple]:
@@ -93,7 +89,7 @@ def afclap_parity(device: torch.device, clap_golden_dir: Path, model_dir: Path |
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--golden", default=str(Path(__file__).resolve().parents[1].parent / "shared/golden/tiny"))
+    parser.add_argument("--golden", default=str(DEFAULT_GOLDEN_DIR))
     parser.add_argument("--no-compile", action="store_true", help="skip the static cache + torch.compile check")
     parser.add_argument("--json", default="device_parity.json")
     parser.add_argument("--clap-golden",
@@ -102,12 +98,9 @@ def main() -> int:
     args = parser.parse_args()
 
     golden_dir, device = Path(args.golden), torch.device(args.device)
-    golden = load_file(str(golden_dir / "expected.safetensors"))
-    spec = json.loads((golden_dir / "expected.json").read_text())
-    greedy_kwargs = dict(spec["generation"]["greedy"])
-    beam_kwargs = {k: v for k, v in spec["generation"]["beam"].items() if k != "case"}
-    out_dir = Path(tempfile.mkdtemp(prefix="af2_parity_")) / "converted"
-    convert_af2_checkpoint(golden_dir / "original", golden_dir / "base_lm", out_dir, dtype="float32")
+    tiny = load_golden_tiny(golden_dir, prefix="af2_parity_")
+    golden, spec, out_dir = tiny.tensors, tiny.spec, tiny.converted_dir
+    greedy_kwargs, beam_kwargs = tiny.greedy_kwargs, tiny.beam_kwargs
     extractor = AudioFlamingo2FeatureExtractor.from_pretrained(out_dir)
 
     rows, failures = [], []

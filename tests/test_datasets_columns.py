@@ -114,6 +114,8 @@ def _torchcodec_usable() -> bool:
     return True
 
 
+# torchcodec's PyPI wheels link CUDA's libnvrtc (its CPU wheels are on the PyTorch index only), so it cannot load on
+# the CPU-only CI machine; there the test below runs instead, and the Audio(decode=False) route above is tested.
 @pytest.mark.skipif(not _torchcodec_usable(), reason="torchcodec (with FFmpeg) is not importable: datasets cannot "
                     "decode audio here; the Audio(decode=False) route above is the one to use")
 def test_audio_decoder_column(undecoded, processor, af2_pipe, golden_audio_files, golden_json):

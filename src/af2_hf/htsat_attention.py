@@ -49,7 +49,7 @@ def use_sdpa_window_attention(tower: torch.nn.Module, model_config: PretrainedCo
     """Give every window attention of an HTSAT tower the SDPA path (fresh modules of the same shapes and dtype, so call
     this in a model's `__init__`, before its weights are initialised or loaded)."""
     for attention in tower.modules():
-        if isinstance(attention, ClapAudioAttention) and not isinstance(attention.self, HTSATSdpaSelfAttention):
+        if isinstance(attention, ClapAudioAttention):
             eager = attention.self
             fused = HTSATSdpaSelfAttention(
                 tower.config, model_config, eager.all_head_size, eager.num_attention_heads, eager.window_size

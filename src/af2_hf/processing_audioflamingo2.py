@@ -133,6 +133,12 @@ class _Prompt:
         self.source, self.segments, self.audio_slots = source, segments, audio_slots
 
 
+def question_turn(question: str, audio=None) -> dict:
+    """The user turn of a chat that asks `question` (plain text) about `audio` (``None``: a text-only question)."""
+    content = [] if audio is None else [{"type": "audio", "audio": audio}]
+    return {"role": "user", "content": content + [{"type": "text", "text": question}]}
+
+
 class AudioFlamingo2Processor(ProcessorMixin):
     r"""
     Audio Flamingo 2 processor: an [`AudioFlamingo2FeatureExtractor`] and the AF2 tokenizer (a Qwen2 tokenizer
@@ -597,11 +603,7 @@ class AudioFlamingo2Processor(ProcessorMixin):
                 f"Got {len(questions)} question(s) and {len(items)} audio(s): pass one audio per question (None for a "
                 "text-only question)."
             )
-        conversations = [
-            [{"role": "user", "content": ([] if item is None else [{"type": "audio", "audio": item}])
-              + [{"type": "text", "text": text}]}]
-            for text, item in zip(questions, items)
-        ]
+        conversations = [[question_turn(text, item)] for text, item in zip(questions, items)]
         return_tensors = kwargs.pop("return_tensors", None)
         return self.apply_chat_template(
             conversations, tokenize=True, return_dict=True, return_tensors=return_tensors, processor_kwargs=kwargs

@@ -87,9 +87,10 @@ def _question_inputs(processor, questions: list[str], audios: list, continuation
     original's second attempt, ``f"<audio>{question}<SEP>{continuation}"``)."""
     if continuations is None:
         return processor.apply_question_request(questions, audio=audios, return_tensors="pt", **processor_kwargs)
+    from .processing_audioflamingo2 import question_turn
+
     conversations = [
-        [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": question}]},
-         {"role": "assistant", "content": [{"type": "text", "text": continuation}]}]
+        [question_turn(question, audio), {"role": "assistant", "content": [{"type": "text", "text": continuation}]}]
         for question, audio, continuation in zip(questions, audios, continuations)
     ]
     return processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt",
