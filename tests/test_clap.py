@@ -315,12 +315,13 @@ def test_cli_clap_errors_exit_2(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_device_parity_rows_on_cpu():
+def test_device_parity_rows_on_cpu(monkeypatch):
     """benchmarks/device_parity.py's AF-CLAP rows (run on CUDA by benchmarks/gpu_checks.sh) pass on the CPU."""
     import importlib.util
 
     from af2_testing import REPO_ROOT
 
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))  # as when run as a script: its sibling modules
     spec = importlib.util.spec_from_file_location("device_parity", REPO_ROOT / "benchmarks" / "device_parity.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
